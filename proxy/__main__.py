@@ -1,0 +1,57 @@
+"""The command line: `python -m proxy --config FILE [--check]`.
+
+The only module that prints for the user or exits; it knows nothing of aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from proxy import __version__
+from proxy.config import ConfigError, load_config
+
+EXIT_CONFIG_ERROR = 2
+EXIT_STARTUP_ERROR = 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="proxy", description="A reverse proxy with one connection pool per upstream."
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+    parser.add_argument(
+        "--check", action="store_true", help="validate FILE, print one line, and exit (0 or 2)"
+    )
+    parser.add_argument("--version", action="version", version=f"proxy {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.check:
+        print(f"config OK: {len(config.upstreams)} upstreams, {len(config.routes)} routes")
+        return 0
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    from proxy.server import StartupError, serve  # aiohttp is imported only to serve
+
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"proxy: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

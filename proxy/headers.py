@@ -1,0 +1,86 @@
+"""The two header transforms a proxy owes (RFC 9110 §7.6): to the upstream and back to the client.
+
+Pure functions over multidicts: duplicates keep every value in order, names keep their case.
+Knows nothing of sockets or aiohttp request objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict
+
+# Hop-by-hop: they describe one connection, so a proxy consumes them and never forwards them
+# (RFC 9110 §7.6.1, RFC 9112 §9.6). Lower case, as compared.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",  # non-standard, still sent by some clients
+        "te",  # kept only as "TE: trailers", see below
+        "trailer",
+        "transfer-encoding",  # the proxy re-frames each body itself
+        "upgrade",
+        # Credentials for and challenges from *this* proxy, which asks for none (as Go does).
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+# Consumed by this proxy rather than forwarded, for the reason given.
+_REQUEST_ONLY = frozenset(
+    {
+        "expect",  # the proxy answered "100 Continue" itself (RFC 9110 §10.1.1)
+        "x-forwarded-for",  # rewritten below, not copied
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
+)
+
+
+def _end_to_end(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
+    items = list(headers)
+    # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1).
+    listed = {
+        token.strip().lower()
+        for name, value in items
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        lower = name.lower()
+        if lower in drop or lower in listed:
+            # "TE: trailers" (which RFC 9110 §10.1.4 makes the sender list in Connection) says
+            # the client accepts trailers: the one TE value worth passing on.
+            if lower != "te" or value.strip().lower() != "trailers":
+                continue
+        out.add(name, value)
+    return out
+
+
+_DROP_TO_UPSTREAM = HOP_BY_HOP | _REQUEST_ONLY
+
+
+def to_upstream(
+    headers: Iterable[tuple[str, str]],
+    *,
+    client_ip: str | None,
+    scheme: str,
+    host: str | None,
+    prior_forwarded_for: list[str],
+) -> CIMultiDict[str]:
+    """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*."""
+    out = _end_to_end(headers, _DROP_TO_UPSTREAM)
+    chain = [*prior_forwarded_for, client_ip] if client_ip else prior_forwarded_for
+    if chain:
+        out.add("X-Forwarded-For", ", ".join(chain))
+    out.add("X-Forwarded-Proto", scheme)
+    if host is not None:
+        out.add("X-Forwarded-Host", host)
+    return out
+
+
+def to_client(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """Response headers as sent to the client: every end-to-end header, in order."""
+    return _end_to_end(headers, HOP_BY_HOP)
