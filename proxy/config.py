@@ -105,7 +105,9 @@ def path_prefix(value: Any, path: str) -> str:
 
 def target_url(value: Any, path: str) -> str:
     """An upstream target: scheme, host and port only; requests keep their own path."""
-    required = "must be an http:// or https:// URL with a host and no path, like http://10.0.0.5:9001"
+    required = (
+        "must be an http:// or https:// URL with a host and no path, like http://10.0.0.5:9001"
+    )
     if not isinstance(value, str):
         raise _fail(path, required, value)
     try:
@@ -175,9 +177,11 @@ def parse_section(cls: type[T], value: Any, path: str) -> T:
             raise ConfigError(f"{where}: unknown key {show(name)} (known: {', '.join(known)})")
         parsed[name] = known[name].metadata["check"](raw, child)
     for name, f in known.items():
-        if name not in parsed and f.default is dataclasses.MISSING:
-            if f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required key '{name}'")
+        optional = (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        if name not in parsed and not optional:
+            raise ConfigError(f"{where}: missing required key '{name}'")
     return cls(**parsed)
 
 
@@ -251,7 +255,9 @@ def parse_config(data: Any) -> Config:
                 f"routes[{i}].upstream: unknown upstream {show(route.upstream)} (known: {known})"
             )
         if not route.name:
-            route = dataclasses.replace(route, name=(route.match.host or "") + route.match.path_prefix)
+            route = dataclasses.replace(
+                route, name=(route.match.host or "") + route.match.path_prefix
+            )
         if route.name in seen:
             raise ConfigError(
                 f"routes[{i}].name: must be unique (metrics are labelled by it), "
@@ -268,7 +274,7 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
-            name = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            name = self.construct_object(key_node, deep=deep)
             if name in seen:
                 mark = key_node.start_mark
                 raise yaml.constructor.ConstructorError(
@@ -280,7 +286,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def parse_yaml(source: str, filename: str) -> Any:
     try:
-        return yaml.load(source, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(source, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

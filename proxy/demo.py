@@ -54,9 +54,10 @@ def demo_backends(config: Config) -> list[tuple[str, int]]:
     for upstream in config.upstreams.values():
         for target in upstream.targets:
             url = urllib.parse.urlsplit(target)
-            if url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost") and url.port:
-                if (url.hostname, url.port) not in found:
-                    found.append((url.hostname, url.port))
+            host, port = url.hostname, url.port
+            local = url.scheme == "http" and host in ("127.0.0.1", "localhost")
+            if local and host and port and (host, port) not in found:
+                found.append((host, port))
     return found
 
 
@@ -76,8 +77,9 @@ async def run_demo(config: Config) -> None:
             logging.info("demo backend listening on http://%s:%d", host, port)
         listen = config.listen
         logging.info(
-            "try: curl -i http://%s:%d/api/hello", "127.0.0.1" if listen.host == "0.0.0.0"
-            else listen.host, listen.port,
+            "try: curl -i http://%s:%d/api/hello",
+            "127.0.0.1" if listen.host == "0.0.0.0" else listen.host,
+            listen.port,
         )
         await serve(config)
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
@@ -55,6 +56,9 @@ _FAILURES: tuple[tuple[type[BaseException], Failure], ...] = (
     (aiohttp.ClientError, Failure(502, "protocol", "upstream request failed")),
 )
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+# aiohttp's client parser lets a control character through in a header value; its server then
+# refuses to write it (ValueError from prepare()). Nothing was sent yet, so: 502.
+_UNFORWARDABLE = Failure(502, "protocol", "upstream sent a header that cannot be forwarded")
 
 
 def classify(exc: BaseException) -> Failure:
@@ -100,6 +104,10 @@ class Forwarder:
                 return plain_response(400, "the request-target must be a path or an http URL")
             host, target = parsed
 
+        if "#" in target:
+            # Not part of any request-target form (RFC 9112 §3.2), and yarl would drop it.
+            return plain_response(400, "the request-target must not contain a fragment")
+
         route = snapshot.routes.match(host_key(host), target)
         if route is None:
             return plain_response(404, "no route matches this request")
@@ -120,7 +128,7 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         upstream: Upstream,
-        out_headers: hdrs.CIMultiDict[str],
+        out_headers: CIMultiDict[str],
         path: str,
     ) -> web.StreamResponse:
         # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
@@ -143,6 +151,16 @@ class Forwarder:
                     await response.prepare(request)
                 except ConnectionError:  # the client went away while we waited
                     return response
+                except ValueError as exc:
+                    log.warning(
+                        "%s %s -> %s: %s (%s)",
+                        request.method,
+                        url,
+                        upstream.name,
+                        _UNFORWARDABLE.detail,
+                        exc,
+                    )
+                    return plain_response(_UNFORWARDABLE.status, _UNFORWARDABLE.detail)
                 failure = await _copy_body(upstream_response.content, response)
                 if failure is not None:
                     _abort(request, response, failure)
@@ -151,8 +169,9 @@ class Forwarder:
                 return response
         except UPSTREAM_ERRORS as exc:
             failure = classify(exc)
-            log.warning("%s %s -> %s: %s (%r)", request.method, url, upstream.name,
-                        failure.detail, exc)
+            log.warning(
+                "%s %s -> %s: %s (%r)", request.method, url, upstream.name, failure.detail, exc
+            )
             return plain_response(failure.status, failure.detail)
 
 

@@ -38,7 +38,9 @@ _REQUEST_ONLY = frozenset(
 )
 
 
-def _end_to_end(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
+def _end_to_end(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str], *, same_spelling: bool = False
+) -> CIMultiDict[str]:
     items = list(headers)
     # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1).
     listed = {
@@ -48,13 +50,19 @@ def _end_to_end(headers: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIM
         for token in value.split(",")
     }
     out: CIMultiDict[str] = CIMultiDict()
+    spelling: dict[str, str] = {}
     for name, value in items:
         lower = name.lower()
-        if lower in drop or lower in listed:
-            # "TE: trailers" (which RFC 9110 §10.1.4 makes the sender list in Connection) says
-            # the client accepts trailers: the one TE value worth passing on.
-            if lower != "te" or value.strip().lower() != "trailers":
-                continue
+        # "TE: trailers" (which RFC 9110 §10.1.4 makes the sender list in Connection) says the
+        # client accepts trailers: the one TE value worth passing on.
+        te_trailers = lower == "te" and value.strip().lower() == "trailers"
+        if (lower in drop or lower in listed) and not te_trailers:
+            continue
+        if same_spelling:
+            # aiohttp's ClientSession._prepare_headers (3.14.5) tracks names case-sensitively,
+            # so "x-a" after "X-A" would replace every earlier value. Names are
+            # case-insensitive (RFC 9110 §5.1): repeat the first spelling instead.
+            name = spelling.setdefault(lower, name)
         out.add(name, value)
     return out
 
@@ -71,7 +79,7 @@ def to_upstream(
     prior_forwarded_for: list[str],
 ) -> CIMultiDict[str]:
     """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*."""
-    out = _end_to_end(headers, _DROP_TO_UPSTREAM)
+    out = _end_to_end(headers, _DROP_TO_UPSTREAM, same_spelling=True)
     chain = [*prior_forwarded_for, client_ip] if client_ip else prior_forwarded_for
     if chain:
         out.add("X-Forwarded-For", ", ".join(chain))

@@ -72,8 +72,10 @@ class ProxyServer:
         self.state = "serving"
         log.info(
             "proxy listening on %s, admin on %s: %d upstreams, %d routes",
-            _url(self.proxy_address), _url(self.admin_address),
-            len(config.upstreams), len(config.routes),
+            _url(self.proxy_address),
+            _url(self.admin_address),
+            len(config.upstreams),
+            len(config.routes),
         )
 
     async def stop(self) -> None:
@@ -131,8 +133,9 @@ async def serve(config: Config) -> None:
         if stopping.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(1)
-        log.info("%s: draining (up to %.0f s), then exiting", signal.Signals(signum).name,
-                 SHUTDOWN_GRACE)
+        log.info(
+            "%s: draining (up to %.0f s), then exiting", signal.Signals(signum).name, SHUTDOWN_GRACE
+        )
         stopping.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,346 @@
+"""Real peers for the tests: raw HTTP backends and clients over 127.0.0.1 sockets.
+
+Nothing here mocks aiohttp: the raw backend is an asyncio server that sees the exact bytes the
+proxy sends, and the raw client sends exact bytes and reads what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config import parse_config
+from proxy.server import ProxyServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RawRequest:
+    head: bytes  # request line and headers, exactly as received, without the blank line
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    @property
+    def names(self) -> list[str]:
+        return [k for k, _ in self.headers]
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """Bytes up to the blank line, or None at a clean EOF."""
+    try:
+        data = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    return data[:-4]
+
+
+def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    first, *lines = head.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.append((name, value.strip()))
+    return first, headers
+
+
+async def read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]]) -> bytes:
+    lowered = {k.lower(): v for k, v in headers}
+    if "chunked" in lowered.get("transfer-encoding", "").lower():
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                return body
+            body += chunk[:-2]
+    length = int(lowered.get("content-length", "0"))
+    return await reader.readexactly(length)
+
+
+async def read_request(reader: asyncio.StreamReader, *, body: bool = True) -> RawRequest | None:
+    head = await read_head(reader)
+    if head is None:
+        return None
+    first, headers = parse_head(head)
+    method, target, version = first.split(" ")
+    data = await read_body(reader, headers) if body else b""
+    return RawRequest(head, method, target, version, headers, data)
+
+
+def http_response(
+    status: int = 200,
+    reason: str = "OK",
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    *,
+    content_length: bool = True,
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    hdrs = list(headers or [])
+    if content_length and not any(k.lower() == "content-length" for k, _ in hdrs):
+        hdrs.append(("Content-Length", str(len(body))))
+    lines += [f"{k}: {v}" for k, v in hdrs]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+Handler = Callable[["RawBackend", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawBackend:
+    """An HTTP/1.1 backend on 127.0.0.1:0 that records what arrives and counts its connections."""
+
+    handler: Handler
+    requests: list[RawRequest] = field(default_factory=list)
+    connections: int = 0  # accepted since start
+    open: int = 0
+    max_open: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # set when any connection ends
+    server: asyncio.Server | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, request: RawRequest) -> None:
+        self.requests.append(request)
+        self._arrived.set()
+
+    async def received(self, count: int = 1, *, within: float = 5.0) -> None:
+        """Wait until `count` requests have arrived (at most `within` seconds)."""
+        async with asyncio.timeout(within):
+            while len(self.requests) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RawBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.connections += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open -= 1
+            self.tasks.discard(task)
+            self.closed.set()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.server.wait_closed()
+
+
+def answering(response: bytes | Callable[[RawRequest], bytes], *, delay: float = 0.0) -> Handler:
+    """A keep-alive backend that answers every request with `response` (after `delay`)."""
+
+    async def handler(
+        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (request := await read_request(reader)) is not None:
+            backend.record(request)
+            if delay:
+                await asyncio.sleep(delay)
+            writer.write(response(request) if callable(response) else response)
+            await writer.drain()
+
+    return handler
+
+
+def config_dict(
+    upstreams: dict[str, Any], routes: list[dict[str, Any]] | None = None, **top: Any
+) -> dict[str, Any]:
+    """A config on 127.0.0.1, ports 0; one catch-all route to the first upstream by default."""
+    first = next(iter(upstreams))
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0, **top.pop("listen", {})},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "upstreams": upstreams,
+        "routes": routes or [{"match": {"path_prefix": "/"}, "upstream": first}],
+        **top,
+    }
+
+
+def upstream(*targets: str, **settings: Any) -> dict[str, Any]:
+    return {"targets": list(targets), **settings}
+
+
+async def start_proxy(config: dict[str, Any]) -> ProxyServer:
+    server = ProxyServer(parse_config(config), shutdown_grace=2.0)
+    await server.start()
+    return server
+
+
+async def exchange(port: int, data: bytes, *, within: float = 5.0) -> bytes:
+    """Send raw bytes, return everything read until the proxy closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), within)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+async def read_response(reader: asyncio.StreamReader, *, head_request: bool = False) -> RawResponse:
+    head = await read_head(reader)
+    assert head is not None, "the proxy closed the connection without answering"
+    first, headers = parse_head(head)
+    _, status, reason = first.split(" ", 2)
+    empty = head_request or int(status) in (204, 304) or 100 <= int(status) < 200
+    body = b"" if empty else await read_body(reader, headers)
+    return RawResponse(int(status), reason, headers, body)
+
+
+class RawClient:
+    """One client connection to the proxy, for keep-alive and byte-level checks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, data: bytes, *, head_request: bool = False) -> RawResponse:
+        self.writer.write(data)
+        await self.writer.drain()
+        return await asyncio.wait_for(read_response(self.reader, head_request=head_request), 5)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def get(target: str = "/", host: str = "example.test", extra: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode("latin-1")
+
+
+# --- the proxy as a subprocess, as a user runs it ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+class ProxyProcess:
+    """`python -m proxy --config FILE` in a subprocess, started and waited for like a user would."""
+
+    def __init__(self, config_path: Path, admin_port: int) -> None:
+        self.admin_port = admin_port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"proxy exited early: {self.proc.communicate()}")
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{self.admin_port}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.05)
+        raise AssertionError("proxy did not become ready")
+
+    def signal(self, signum: signal.Signals) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 15) -> tuple[int, str]:
+        _, stderr = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, stderr
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()

@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import ConfigError, load_config, parse_config, parse_yaml
+from tests.support import REPO
+
+BASE: dict[str, Any] = {
+    "upstreams": {
+        "api": {"targets": ["http://127.0.0.1:9001"]},
+        "static": {"targets": ["http://127.0.0.1:9002"]},
+    },
+    "routes": [
+        {"match": {"path_prefix": "/api/"}, "upstream": "api"},
+        {"match": {"path_prefix": "/static/"}, "upstream": "static"},
+        {"match": {"path_prefix": "/"}, "upstream": "api"},
+    ],
+}
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    """BASE with the value at a dotted path (list items as [i]) replaced; `...` deletes it."""
+    data = copy.deepcopy(BASE)
+    *parents, last = path.replace("[", ".[").split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part[1:-1])] if part.startswith("[") else node.setdefault(part, {})
+    key: Any = int(last[1:-1]) if last.startswith("[") else last
+    if value is ...:
+        del node[key]
+    else:
+        node[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (
+            "upstreams.api.pool.limit",
+            -1,
+            "upstreams.api.pool.limit: must be an integer >= 0, got -1",
+        ),
+        (
+            "upstreams.api.pool.limit",
+            True,
+            "upstreams.api.pool.limit: must be an integer >= 0, got true",
+        ),
+        (
+            "upstreams.api.pool.limit_per_host",
+            1.5,
+            "upstreams.api.pool.limit_per_host: must be an integer >= 0, got 1.5",
+        ),
+        (
+            "upstreams.api.pool.limt",
+            5,
+            "upstreams.api.pool: unknown key 'limt' "
+            "(known: limit, limit_per_host, keepalive_timeout)",
+        ),
+        (
+            "upstreams.api.pool.keepalive_timeout",
+            -3,
+            "upstreams.api.pool.keepalive_timeout: must be a number of seconds >= 0, got -3",
+        ),
+        (
+            "upstreams.api.timeouts.connect",
+            0,
+            "upstreams.api.timeouts.connect: must be a number of seconds > 0, got 0",
+        ),
+        (
+            "upstreams.api.timeouts.read",
+            "30s",
+            "upstreams.api.timeouts.read: must be a number of seconds > 0, got '30s'",
+        ),
+        (
+            "routes[2].upstream",
+            "apii",
+            "routes[2].upstream: unknown upstream 'apii' (known: api, static)",
+        ),
+        (
+            "routes[0].match.path_prefix",
+            "api/",
+            "routes[0].match.path_prefix: must be a string starting with '/', got 'api/'",
+        ),
+        ("routes[0].match.path_prefix", ..., "routes[0].match: missing required key 'path_prefix'"),
+        (
+            "routes[1].strip_prefix",
+            "yes",
+            "routes[1].strip_prefix: must be true or false, got 'yes'",
+        ),
+        (
+            "routes[0].match.host",
+            "api.test:80",
+            "routes[0].match.host: must be a host name without port or scheme, got 'api.test:80'",
+        ),
+        ("routes[1].name", "", "routes[1].name: must be a non-empty string, got ''"),
+        (
+            "routes[1].matches",
+            {},
+            "routes[1]: unknown key 'matches' (known: match, upstream, name, strip_prefix)",
+        ),
+        ("upstreams.api.targets", [], "upstreams.api.targets: must be a non-empty list, got []"),
+        (
+            "upstreams.api.targets",
+            "http://a:1",
+            "upstreams.api.targets: must be a non-empty list, got 'http://a:1'",
+        ),
+        (
+            "upstreams.api.targets",
+            ["ftp://a:1"],
+            "upstreams.api.targets[0]: must be an http:// or https:// URL with a host and no path, "
+            "like http://10.0.0.5:9001, got 'ftp://a:1'",
+        ),
+        (
+            "upstreams.api.targets",
+            ["http://a:1/base"],
+            "upstreams.api.targets[0]: must be an http:// or https:// URL with a host and no path, "
+            "like http://10.0.0.5:9001, got 'http://a:1/base'",
+        ),
+        (
+            "upstreams.api.targets",
+            ["http://a:99999"],
+            "upstreams.api.targets[0]: must be an http:// or https:// URL with a host and no path, "
+            "like http://10.0.0.5:9001, got 'http://a:99999'",
+        ),
+        ("upstreams.api", ..., "routes[0].upstream: unknown upstream 'api' (known: static)"),
+        ("upstreams", {}, "upstreams: must be a non-empty mapping of names, got a mapping"),
+        ("routes", ..., "config: missing required key 'routes'"),
+        ("routes", [], "routes: must be a non-empty list, got []"),
+        ("listen.port", 70000, "listen.port: must be an integer from 0 to 65535, got 70000"),
+        (
+            "listen.keepalive_timeout",
+            None,
+            "listen.keepalive_timeout: must be a number of seconds >= 0, got null",
+        ),
+        ("admin.host", 5, "admin.host: must be a non-empty string, got 5"),
+        ("listn", {}, "config: unknown key 'listn' (known: upstreams, routes, listen, admin)"),
+        ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
+    ],
+)
+def test_each_bad_value_names_its_key_path(path, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_change(path, value))
+    assert str(caught.value) == message
+
+
+def test_first_error_in_file_order_is_reported():
+    data = with_change("upstreams.api.pool.limit", -1)
+    data["routes"][0]["upstream"] = "nope"
+    with pytest.raises(ConfigError, match=r"^upstreams\.api\.pool\.limit:"):
+        parse_config(data)
+
+
+def test_duplicate_route_names_are_rejected():
+    data = copy.deepcopy(BASE)
+    data["routes"][0]["name"] = "x"
+    data["routes"][2]["name"] = "x"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value) == (
+        "routes[2].name: must be unique (metrics are labelled by it), got 'x', "
+        "already used by routes[0]"
+    )
+
+
+def test_not_a_mapping_at_the_top():
+    with pytest.raises(ConfigError, match=r"^config: must be a mapping, got null$"):
+        parse_config(None)
+
+
+def test_defaults_and_derived_route_names():
+    data = copy.deepcopy(BASE)
+    data["routes"][0]["match"]["host"] = "API.Example.com"
+    config = parse_config(data)
+    assert (config.listen.host, config.listen.port, config.listen.keepalive_timeout) == (
+        "0.0.0.0",
+        8080,
+        75.0,
+    )
+    assert (config.admin.host, config.admin.port) == ("127.0.0.1", 9901)
+    pool = config.upstreams["api"].pool
+    assert (pool.limit, pool.limit_per_host, pool.keepalive_timeout) == (100, 0, 30.0)
+    timeouts = config.upstreams["api"].timeouts
+    assert (timeouts.connect, timeouts.read) == (5.0, 30.0)
+    assert [r.name for r in config.routes] == ["api.example.com/api/", "/static/", "/"]
+    assert config.routes[0].match.host == "api.example.com"
+    assert config.routes[0].strip_prefix is False
+
+
+def test_targets_are_normalised_to_scheme_and_authority():
+    config = parse_config(with_change("upstreams.api.targets", ["https://h.test:8443/"]))
+    assert config.upstreams["api"].targets == ("https://h.test:8443",)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("upstreams:\n  api: [\n", "c.yaml: invalid YAML at line 3, column 1: "),
+        ("a: 1\n  b: 2\n", "c.yaml: invalid YAML at line 2, column 4: "),
+        (
+            "routes: []\nroutes: []\n",
+            "c.yaml: invalid YAML at line 2, column 1: duplicate key 'routes'",
+        ),
+    ],
+)
+def test_invalid_yaml_names_line_and_column(source, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_yaml(source, "c.yaml")
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_file_is_one_line():
+    with pytest.raises(ConfigError, match=r"^/nonexistent\.yaml: cannot read config file: "):
+        load_config("/nonexistent.yaml")
+
+
+def test_shipped_config_is_valid():
+    config = load_config(REPO / "config.yaml")
+    assert list(config.upstreams) == ["api", "static"]
+    assert len(config.routes) == 3
+
+
+def test_readme_example_is_valid(tmp_path: Path):
+    """The YAML reference in the README is a config that validates."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- reference-config -->", 1)[1].split("```yaml\n", 1)[1]
+    path = tmp_path / "reference.yaml"
+    path.write_text(block.split("```", 1)[0])
+    load_config(path)
