@@ -1,0 +1,523 @@
+"""Benchmark: the backend directly, this proxy, and nginx as a reverse proxy, in one run.
+
+    python bench/run.py                  # about 4 minutes; prints progress and a Markdown table
+    python bench/run.py --quick          # one short round, to check that everything runs
+
+Needs wrk and nginx (Debian: apt-get install -y wrk nginx-light). nginx serves as the backend
+and, as the second reference, as a reverse proxy with upstream keepalive. Runs are interleaved
+(direct, proxy, nginx, direct, ...) and medians are reported, because a shared machine is noisy.
+The proxy under test and nginx-as-proxy are pinned to one core; wrk to the other.
+
+Reports, per case: requests/s, p50/p99 latency, the proxy's CPU microseconds per request (from
+/proc/PID/stat), and the backend connections opened during the run (nginx stub_status). Then a
+1 GiB download and a 1 GiB upload through the proxy, with its peak RSS before and after.
+Every server listens on 127.0.0.1 and is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SMALL = b"hello, world\n"
+LARGE = b"x" * 16384
+PROXY_CORE, LOAD_CORE = "1", "0"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    backend: int
+    backend_status: int
+    nginx_proxy: int
+    proxy: int
+    proxy_admin: int
+    baseline: int
+    baseline_admin: int
+
+
+def nginx_conf(ports: Ports, root: Path, pool_limit: int) -> tuple[str, str]:
+    """(backend config, reverse-proxy config): two nginx instances, one worker each."""
+
+    def common(name: str) -> str:
+        return f"""
+worker_processes 1;
+pid {root}/{name}.pid;
+error_log {root}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/{name}-body;
+    proxy_temp_path {root}/{name}-proxy;
+    fastcgi_temp_path {root}/{name}-fcgi;
+    uwsgi_temp_path {root}/{name}-uwsgi;
+    scgi_temp_path {root}/{name}-scgi;
+    keepalive_requests 1000000;
+"""
+
+    backend = (
+        common("backend")
+        + f"""
+    server {{
+        listen 127.0.0.1:{ports.backend} backlog=4096;
+        client_max_body_size 0;
+        root {root}/www;
+        location = /small {{ default_type text/plain; }}
+        location = /large {{ default_type text/plain; }}
+        location = /huge {{ default_type application/octet-stream; }}
+        location = /upload {{ return 200 "ok\\n"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{ports.backend_status};
+        location / {{ stub_status; }}
+    }}
+}}
+"""
+    )
+    proxy = (
+        common("nginx-proxy")
+        + f"""
+    upstream backend {{
+        server 127.0.0.1:{ports.backend};
+        keepalive {pool_limit};
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{ports.nginx_proxy} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    return backend, proxy
+
+
+def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int) -> str:
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}, keepalive_timeout: 75}}
+admin: {{host: 127.0.0.1, port: {admin_port}}}
+upstreams:
+  backend:
+    targets: [http://127.0.0.1:{ports.backend}]
+    pool: {{limit: {pool_limit}, limit_per_host: 0, keepalive_timeout: 60}}
+    timeouts: {{connect: 5, read: 30}}
+routes:
+  - name: all
+    match: {{path_prefix: /}}
+    upstream: backend
+"""
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: {url} did not answer within {timeout:.0f} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def backend_accepts(status_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/", timeout=5) as response:
+        text = response.read().decode()
+    return int(text.splitlines()[2].split()[0])  # "server accepts handled requests" counts
+
+
+def nginx_worker_pids(master_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(master_pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise SystemExit(f"bench: cannot read wrk latency {text!r}")
+    number, unit = match.groups()
+    return float(number) * _UNITS[unit]
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_us_per_request: float | None
+    backend_connections: int
+
+
+def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, int, int]:
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            "wrk",
+            "-t1",
+            f"-c{clients}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    if match := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(match.group(1))
+    if match := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    ):
+        errors += sum(int(g) for g in match.groups())
+    return rps, p50, p99, requests, errors
+
+
+class Bench:
+    def __init__(self, root: Path, pool_limit: int, baseline: Path | None) -> None:
+        self.root = root
+        self.ports = Ports(*(free_port() for _ in range(7)))
+        self.pool_limit = pool_limit
+        self.baseline = baseline  # a checkout of another revision, run as target "baseline"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.proxy_pid = 0
+        self.baseline_pid = 0
+        self.nginx_proxy_workers: list[int] = []
+
+    def start(self) -> None:
+        www = self.root / "www"
+        www.mkdir()
+        (www / "small").write_bytes(SMALL)
+        (www / "large").write_bytes(LARGE)
+        with open(www / "huge", "wb") as f:
+            f.truncate(1024**3)  # sparse: 1 GiB of zeros without using the disk
+        backend_conf, proxy_conf = nginx_conf(self.ports, self.root, self.pool_limit)
+        for name, text, core in (
+            ("backend", backend_conf, None),
+            ("nginx-proxy", proxy_conf, PROXY_CORE),
+        ):
+            conf = self.root / f"{name}.conf"
+            conf.write_text(text)
+            cmd = ["nginx", "-c", str(conf), "-p", str(self.root), "-g", "daemon off;"]
+            if core:
+                cmd = ["taskset", "-c", core, *cmd]
+            self.procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
+        self.proxy_pid = self._start_proxy(REPO, "proxy", self.ports.proxy, self.ports.proxy_admin)
+        if self.baseline:
+            self.baseline_pid = self._start_proxy(
+                self.baseline, "baseline", self.ports.baseline, self.ports.baseline_admin
+            )
+        wait_http(f"http://127.0.0.1:{self.ports.backend}/small")
+        wait_http(f"http://127.0.0.1:{self.ports.nginx_proxy}/small")
+        wait_http(f"http://127.0.0.1:{self.ports.proxy_admin}/readyz")
+        if self.baseline:
+            wait_http(f"http://127.0.0.1:{self.ports.baseline_admin}/readyz")
+        nginx_master = self.procs[1].pid
+        self.nginx_proxy_workers = nginx_worker_pids(nginx_master)
+
+    def _start_proxy(self, source: Path, name: str, port: int, admin_port: int) -> int:
+        config = self.root / f"{name}.yaml"
+        config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port))
+        proxy = subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "proxy", "--config", str(config)],
+            cwd=source,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(source)},
+        )
+        self.procs.append(proxy)
+        return proxy.pid
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def url(self, target: str, path: str) -> str:
+        port = {
+            "direct": self.ports.backend,
+            "proxy": self.ports.proxy,
+            "nginx": self.ports.nginx_proxy,
+            "baseline": self.ports.baseline,
+        }[target]
+        return f"http://127.0.0.1:{port}{path}"
+
+    def measure(self, target: str, path: str, clients: int, duration: float) -> Run:
+        pids = {
+            "proxy": [self.proxy_pid],
+            "nginx": self.nginx_proxy_workers,
+            "baseline": [self.baseline_pid],
+        }.get(target, [])
+        cpu_before = sum(cpu_seconds(p) for p in pids)
+        accepts_before = backend_accepts(self.ports.backend_status)
+        rps, p50, p99, requests, errors = wrk(self.url(target, path), clients, duration)
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+        opened = backend_accepts(self.ports.backend_status) - accepts_before - 1  # minus ours
+        return Run(
+            rps,
+            p50,
+            p99,
+            requests,
+            errors,
+            cpu / requests * 1e6 if pids and requests else None,
+            opened,
+        )
+
+    def transfer(self) -> dict[str, float]:
+        """1 GiB down and 1 GiB up through the proxy, with its RSS around them."""
+        before = rss_mib(self.proxy_pid)
+        started = time.monotonic()
+        subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", self.url("proxy", "/huge")], check=True, timeout=600
+        )
+        down_s = time.monotonic() - started
+        started = time.monotonic()
+        subprocess.run(
+            f"head -c {1024**3} /dev/zero | curl -sS -o /dev/null -T - "
+            f"-H 'Content-Length: {1024**3}' {self.url('proxy', '/upload')}",
+            shell=True,
+            check=True,
+            timeout=600,
+        )
+        up_s = time.monotonic() - started
+        return {
+            "rss_before_mib": before,
+            "peak_rss_after_mib": peak_rss_mib(self.proxy_pid),
+            "rss_after_mib": rss_mib(self.proxy_pid),
+            "download_mib_s": 1024 / down_s,
+            "upload_mib_s": 1024 / up_s,
+        }
+
+
+def median_run(runs: list[Run]) -> Run:
+    cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
+    return Run(
+        rps=statistics.median(r.rps for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
+        cpu_us_per_request=statistics.median(cpu) if cpu else None,
+        backend_connections=max(r.backend_connections for r in runs),
+    )
+
+
+def table(results: dict[tuple[str, str, int], Run], targets: list[str]) -> str:
+    rows = [
+        "| body | clients | target | req/s | p50 ms | p99 ms | CPU µs/req | backend conns "
+        "| req/s vs direct | req/s vs nginx | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if "baseline" in targets:
+        rows[0] += " CPU vs baseline |"
+        rows[1] += "---|"
+    for (body, clients, target), run in results.items():
+        direct = results.get((body, clients, "direct"))
+        nginx = results.get((body, clients, "nginx"))
+        cpu = f"{run.cpu_us_per_request:.0f}" if run.cpu_us_per_request is not None else "—"
+        vs_direct = f"{run.rps / direct.rps:.2f}" if direct else "—"
+        vs_nginx = f"{run.rps / nginx.rps:.2f}" if nginx and "nginx" in targets else "—"
+        rows.append(
+            f"| {body} | {clients} | {target} | {run.rps:,.0f} | {run.p50_ms:.2f} "
+            f"| {run.p99_ms:.2f} | {cpu} | {run.backend_connections} | {vs_direct} "
+            f"| {vs_nginx} | {run.errors} |"
+        )
+        if "baseline" in targets:
+            base = results.get((body, clients, "baseline"))
+            ratio = "—"
+            if base and base.cpu_us_per_request and run.cpu_us_per_request:
+                ratio = f"{run.cpu_us_per_request / base.cpu_us_per_request:.2f}"
+            rows[-1] += f" {ratio} |"
+    return "\n".join(rows)
+
+
+@contextlib.contextmanager
+def bench_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
+        os.chmod(tmp, 0o755)  # nginx workers run as an unprivileged user and read www/
+        yield Path(tmp)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--pool-limit", type=int, default=100, help="pool.limit of the proxy")
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s, no 1 GiB transfer")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the 1 GiB transfers")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument(
+        "--targets",
+        default="direct,proxy,nginx",
+        help="comma-separated subset of direct,proxy,nginx",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the proxy at git revision REV as target 'baseline', to measure a "
+        "change before and after in one run",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.rounds, args.no_transfer = 2.0, 1, True
+    for tool in ("wrk", "nginx", "taskset", "curl"):
+        if shutil.which(tool) is None:
+            print(
+                f"bench: {tool} is not installed (Debian: apt-get install -y wrk nginx-light "
+                "util-linux curl)",
+                file=sys.stderr,
+            )
+            return 2
+    if (os.cpu_count() or 1) < 2:
+        print("bench: needs 2 cores (proxy on one, load on the other)", file=sys.stderr)
+        return 2
+
+    targets = args.targets.split(",")
+    if args.baseline:
+        targets.append("baseline")
+    cases = [(body, clients) for body in ("small", "16KiB") for clients in (50, 200)]
+    paths = {"small": "/small", "16KiB": "/large"}
+    samples: dict[tuple[str, int, str], list[Run]] = {}
+    total = len(cases) * len(targets) * args.rounds
+    done = 0
+    with bench_dir() as root:
+        baseline = None
+        if args.baseline:
+            baseline = root / "baseline-src"
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(REPO),
+                    "worktree",
+                    "add",
+                    "--detach",
+                    "-q",
+                    str(baseline),
+                    args.baseline,
+                ],
+                check=True,
+            )
+        bench = Bench(root, args.pool_limit, baseline)
+        try:
+            bench.start()
+            for target in targets:  # warm up pools and caches
+                wrk(bench.url(target, "/small"), 50, 1)
+            for round_ in range(args.rounds):
+                for body, clients in cases:
+                    for target in targets:
+                        done += 1
+                        print(
+                            f"[{done}/{total}] round {round_ + 1}: {target:6} {body:5} "
+                            f"{clients:3} clients",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        run = bench.measure(target, paths[body], clients, args.duration)
+                        samples.setdefault((body, clients, target), []).append(run)
+            transfer = None
+            if not args.no_transfer:
+                print("1 GiB download and upload through the proxy...", file=sys.stderr)
+                transfer = bench.transfer()
+        finally:
+            bench.stop()
+            if baseline:
+                subprocess.run(
+                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)],
+                    check=False,
+                )
+
+    results = {key: median_run(runs) for key, runs in samples.items()}
+    print(
+        f"\n{args.rounds} interleaved rounds of {args.duration:.0f} s, medians; "
+        f"pool.limit {args.pool_limit}; proxy pinned to core {PROXY_CORE}, wrk to core "
+        f"{LOAD_CORE}\n"
+    )
+    print(table(results, targets))
+    if transfer:
+        print(
+            f"\n1 GiB transfers through the proxy: RSS {transfer['rss_before_mib']:.0f} MiB "
+            f"before, {transfer['rss_after_mib']:.0f} MiB after, peak "
+            f"{transfer['peak_rss_after_mib']:.0f} MiB; download "
+            f"{transfer['download_mib_s']:.0f} MiB/s, upload {transfer['upload_mib_s']:.0f} MiB/s"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "results": [
+                        {"body": b, "clients": c, "target": t, **asdict(r)}
+                        for (b, c, t), r in results.items()
+                    ],
+                    "transfer": transfer,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
