@@ -114,11 +114,7 @@ class Forwarder:
         upstream = snapshot.upstreams[route.upstream]
 
         out_headers = hdrs.to_upstream(
-            request.headers.items(),
-            client_ip=request.remote,
-            scheme=self._scheme,
-            host=host,
-            prior_forwarded_for=request.headers.getall("X-Forwarded-For", []),
+            request.headers, client_ip=request.remote, scheme=self._scheme, host=host
         )
         if absolute and host is not None:
             out_headers["Host"] = host
@@ -145,7 +141,7 @@ class Forwarder:
                 response = ForwardedResponse(
                     status=upstream_response.status,
                     reason=upstream_response.reason,
-                    headers=hdrs.to_client(upstream_response.headers.items()),
+                    headers=hdrs.to_client(upstream_response.headers),
                 )
                 try:
                     await response.prepare(request)
@@ -161,7 +157,7 @@ class Forwarder:
                         exc,
                     )
                     return plain_response(_UNFORWARDABLE.status, _UNFORWARDABLE.detail)
-                failure = await _copy_body(upstream_response.content, response)
+                failure = await _copy_body(request, upstream_response.content, response)
                 if failure is not None:
                     _abort(request, response, failure)
                     return response
@@ -175,8 +171,23 @@ class Forwarder:
             return plain_response(failure.status, failure.detail)
 
 
-async def _copy_body(source: aiohttp.StreamReader, response: web.StreamResponse) -> Failure | None:
+async def _copy_body(
+    request: web.BaseRequest, source: aiohttp.StreamReader, response: ForwardedResponse
+) -> Failure | None:
     """Copy each chunk as it arrives (SSE needs that); `write` waits while the client is slow."""
+    try:
+        # Bytes that came in with the headers leave with them, in one write; if there are
+        # none yet, the client must not wait for the headers until the body starts.
+        chunk = source.read_nowait()
+    except UPSTREAM_ERRORS as exc:
+        return classify(exc)
+    if chunk:
+        try:
+            await response.write(chunk)
+        except ConnectionError:
+            return Failure(499, "client_abort", "client went away")
+    else:
+        response.flush_headers(request)
     while True:
         try:
             chunk = await source.readany()

@@ -6,9 +6,7 @@ Knows nothing of sockets or aiohttp request objects.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 # Hop-by-hop: they describe one connection, so a proxy consumes them and never forwards them
 # (RFC 9110 §7.6.1, RFC 9112 §9.6). Lower case, as compared.
@@ -39,19 +37,17 @@ _REQUEST_ONLY = frozenset(
 
 
 def _end_to_end(
-    headers: Iterable[tuple[str, str]], drop: frozenset[str], *, same_spelling: bool = False
+    headers: MultiMapping[str], drop: frozenset[str], *, same_spelling: bool = False
 ) -> CIMultiDict[str]:
-    items = list(headers)
     # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1).
     listed = {
         token.strip().lower()
-        for name, value in items
-        if name.lower() == "connection"
+        for value in headers.getall("Connection", ())
         for token in value.split(",")
     }
     out: CIMultiDict[str] = CIMultiDict()
     spelling: dict[str, str] = {}
-    for name, value in items:
+    for name, value in headers.items():
         lower = name.lower()
         # "TE: trailers" (which RFC 9110 §10.1.4 makes the sender list in Connection) says the
         # client accepts trailers: the one TE value worth passing on.
@@ -71,16 +67,13 @@ _DROP_TO_UPSTREAM = HOP_BY_HOP | _REQUEST_ONLY
 
 
 def to_upstream(
-    headers: Iterable[tuple[str, str]],
-    *,
-    client_ip: str | None,
-    scheme: str,
-    host: str | None,
-    prior_forwarded_for: list[str],
+    headers: MultiMapping[str], *, client_ip: str | None, scheme: str, host: str | None
 ) -> CIMultiDict[str]:
     """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*."""
     out = _end_to_end(headers, _DROP_TO_UPSTREAM, same_spelling=True)
-    chain = [*prior_forwarded_for, client_ip] if client_ip else prior_forwarded_for
+    chain = headers.getall("X-Forwarded-For", [])
+    if client_ip:
+        chain.append(client_ip)
     if chain:
         out.add("X-Forwarded-For", ", ".join(chain))
     out.add("X-Forwarded-Proto", scheme)
@@ -89,6 +82,6 @@ def to_upstream(
     return out
 
 
-def to_client(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+def to_client(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """Response headers as sent to the client: every end-to-end header, in order."""
     return _end_to_end(headers, HOP_BY_HOP)

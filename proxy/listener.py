@@ -6,10 +6,11 @@
    silently (auto_decompress=False among them) and log a warning per connection.
 3. `ForwardedResponse` keeps the upstream's headers as they were: aiohttp would add `Server` and
    `Content-Type: application/octet-stream` when the upstream sent none, and drop the
-   `Content-Length` of a 304.
+   `Content-Length` of a 304. It also sends its headers with the first body bytes.
 
 Everything here leans on aiohttp internals (`Server._kwargs`, `Server._loop`,
-`RequestHandler.handle_error`, `StreamResponse._prepare_headers`), checked against aiohttp
+`RequestHandler.handle_error`, `StreamResponse._prepare_headers` and
+`_send_headers_immediately`), checked against aiohttp
 3.14.5; tests/e2e/test_transparency.py and tests/e2e/test_client_errors.py fail if they move.
 """
 
@@ -71,7 +72,17 @@ _MAY_BE_INVENTED = ("Server", "Content-Type")
 
 
 class ForwardedResponse(web.StreamResponse):
-    """A response whose status, reason and headers are copied from the upstream's."""
+    """A response whose status, reason and headers are copied from the upstream's.
+
+    Its headers are held back until the first body write, so that a small response leaves in
+    one write instead of two (bench/: about 10% less CPU per request). Whoever prepares it
+    must call `flush_headers()` before waiting for a body that is not there yet.
+    """
+
+    _send_headers_immediately = False  # as aiohttp's own web.Response does
+
+    def flush_headers(self, request: web.BaseRequest) -> None:
+        request.writer.send_headers()
 
     async def _prepare_headers(self) -> None:
         headers = self.headers

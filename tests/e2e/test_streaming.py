@@ -171,3 +171,31 @@ async def test_large_response_arrives_intact(backend, proxy):
     finally:
         await client.close()
     assert answer.body == body
+
+
+async def test_response_headers_reach_the_client_before_the_body_starts(backend, proxy):
+    # The proxy sends headers together with the first body bytes when both are at hand; when
+    # the body is not there yet, the headers must still go out at once.
+    headers_seen = asyncio.Event()
+
+    async def headers_first(backend, reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await headers_seen.wait()
+        writer.write(chunk(b"late body") + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    origin = await backend(headers_first)
+    server = await proxy(config_dict({"app": upstream(origin.url)}))
+    client = await RawClient.connect(server.proxy_address[1])
+    try:
+        client.writer.write(get("/slow-body"))
+        head = await asyncio.wait_for(read_head(client.reader), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        headers_seen.set()
+        rest = await asyncio.wait_for(client.reader.readuntil(b"0\r\n\r\n"), 5)
+        assert b"late body" in rest
+    finally:
+        await client.close()

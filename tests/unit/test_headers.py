@@ -1,16 +1,17 @@
 from __future__ import annotations
 
-from proxy.headers import to_client, to_upstream
+from multidict import CIMultiDict
+
+from proxy import headers
 
 
 def upstream_headers(items, **kwargs):
-    defaults = {
-        "client_ip": "192.0.2.1",
-        "scheme": "http",
-        "host": "h.test",
-        "prior_forwarded_for": [],
-    }
-    return list(to_upstream(items, **{**defaults, **kwargs}).items())
+    defaults = {"client_ip": "192.0.2.1", "scheme": "http", "host": "h.test"}
+    return list(headers.to_upstream(CIMultiDict(items), **{**defaults, **kwargs}).items())
+
+
+def to_client(items):
+    return headers.to_client(CIMultiDict(items))
 
 
 def test_end_to_end_headers_keep_order_duplicates_and_case():
@@ -35,11 +36,8 @@ def test_te_is_kept_only_as_trailers():
 
 
 def test_forwarded_for_chain_is_appended_and_others_set():
-    got = dict(
-        upstream_headers(
-            [("X-Forwarded-Proto", "https")], prior_forwarded_for=["203.0.113.9"], scheme="http"
-        )
-    )
+    items = [("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "203.0.113.9")]
+    got = dict(upstream_headers(items, scheme="http"))
     assert got["X-Forwarded-For"] == "203.0.113.9, 192.0.2.1"
     assert got["X-Forwarded-Proto"] == "http"
     assert got["X-Forwarded-Host"] == "h.test"
