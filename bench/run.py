@@ -57,6 +57,7 @@ class Ports:
     proxy_admin: int
     baseline: int
     baseline_admin: int
+    sink: int
 
 
 def nginx_conf(ports: Ports, root: Path, pool_limit: int) -> tuple[str, str]:
@@ -88,7 +89,6 @@ http {{
         location = /small {{ default_type text/plain; }}
         location = /large {{ default_type text/plain; }}
         location = /huge {{ default_type application/octet-stream; }}
-        location = /upload {{ return 200 "ok\\n"; }}
     }}
     server {{
         listen 127.0.0.1:{ports.backend_status};
@@ -128,7 +128,12 @@ upstreams:
     targets: [http://127.0.0.1:{ports.backend}]
     pool: {{limit: {pool_limit}, limit_per_host: 0, keepalive_timeout: 60}}
     timeouts: {{connect: 5, read: 30}}
+  sink:
+    targets: [http://127.0.0.1:{ports.sink}]
 routes:
+  - name: upload
+    match: {{path_prefix: /upload}}
+    upstream: sink
   - name: all
     match: {{path_prefix: /}}
     upstream: backend
@@ -233,7 +238,7 @@ def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, i
 class Bench:
     def __init__(self, root: Path, pool_limit: int, baseline: Path | None) -> None:
         self.root = root
-        self.ports = Ports(*(free_port() for _ in range(7)))
+        self.ports = Ports(*(free_port() for _ in range(8)))
         self.pool_limit = pool_limit
         self.baseline = baseline  # a checkout of another revision, run as target "baseline"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -259,6 +264,8 @@ class Bench:
             if core:
                 cmd = ["taskset", "-c", core, *cmd]
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
+        sink = [sys.executable, str(REPO / "bench" / "sink.py"), str(self.ports.sink)]
+        self.procs.append(subprocess.Popen(sink))
         self.proxy_pid = self._start_proxy(REPO, "proxy", self.ports.proxy, self.ports.proxy_admin)
         if self.baseline:
             self.baseline_pid = self._start_proxy(
@@ -334,13 +341,17 @@ class Bench:
         )
         down_s = time.monotonic() - started
         started = time.monotonic()
-        subprocess.run(
-            f"head -c {1024**3} /dev/zero | curl -sS -o /dev/null -T - "
-            f"-H 'Content-Length: {1024**3}' {self.url('proxy', '/upload')}",
+        received = subprocess.run(
+            # chunked, as curl sends stdin: the proxy re-chunks it upstream
+            f"head -c {1024**3} /dev/zero | curl -sS -T - {self.url('proxy', '/upload')}",
             shell=True,
             check=True,
             timeout=600,
-        )
+            capture_output=True,
+            text=True,
+        ).stdout
+        if received.strip() != str(1024**3):
+            raise SystemExit(f"bench: the upload sink received {received.strip()!r} bytes")
         up_s = time.monotonic() - started
         return {
             "rss_before_mib": before,
