@@ -26,10 +26,13 @@ def echo_app(name: str) -> web.Application:
         if request.path.endswith("/events"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            for i in range(5):
-                await response.write(f"data: tick {i} from {name}\n\n".encode())
-                await asyncio.sleep(1)
-            await response.write_eof()
+            try:
+                for i in range(5):
+                    await response.write(f"data: tick {i} from {name}\n\n".encode())
+                    await asyncio.sleep(1)
+                await response.write_eof()
+            except ConnectionResetError:  # the client stopped listening
+                pass
             return response
         body = await request.read()
         return web.json_response(
