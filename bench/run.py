@@ -53,11 +53,17 @@ class Ports:
     backend: int
     backend_status: int
     nginx_proxy: int
-    proxy: int
-    proxy_admin: int
-    baseline: int
-    baseline_admin: int
     sink: int
+
+
+# The proxy under test, in variants: (how it is started, extra YAML). "baseline" runs
+# `python -m proxy` from a checkout of --baseline REV, so its YAML stays what any revision reads.
+PROXY_VARIANTS = {
+    "proxy": (["-m", "proxy"], ""),  # metrics and JSON access log on, as shipped
+    "proxy-nolog": (["-m", "proxy"], "access_log: {enabled: false}\n"),  # metrics only
+    "proxy-bare": (["bench/bare.py"], "access_log: {enabled: false}\n"),  # neither
+    "baseline": (["-m", "proxy"], ""),
+}
 
 
 def nginx_conf(ports: Ports, root: Path, pool_limit: int) -> tuple[str, str]:
@@ -119,8 +125,10 @@ http {{
     return backend, proxy
 
 
-def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int) -> str:
-    return f"""
+def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
+    return (
+        extra
+        + f"""
 listen: {{host: 127.0.0.1, port: {port}, keepalive_timeout: 75}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
 upstreams:
@@ -138,6 +146,7 @@ routes:
     match: {{path_prefix: /}}
     upstream: backend
 """
+    )
 
 
 def wait_http(url: str, timeout: float = 20) -> None:
@@ -238,15 +247,13 @@ def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, i
 class Bench:
     def __init__(self, root: Path, pool_limit: int, baseline: Path | None) -> None:
         self.root = root
-        self.ports = Ports(*(free_port() for _ in range(8)))
+        self.ports = Ports(*(free_port() for _ in range(4)))
         self.pool_limit = pool_limit
         self.baseline = baseline  # a checkout of another revision, run as target "baseline"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.proxy_pid = 0
-        self.baseline_pid = 0
-        self.nginx_proxy_workers: list[int] = []
+        self.targets: dict[str, tuple[int, list[int]]] = {}  # name -> (port, PIDs to charge)
 
-    def start(self) -> None:
+    def start(self, proxies: list[str]) -> None:
         www = self.root / "www"
         www.mkdir()
         (www / "small").write_bytes(SMALL)
@@ -266,30 +273,31 @@ class Bench:
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
         sink = [sys.executable, str(REPO / "bench" / "sink.py"), str(self.ports.sink)]
         self.procs.append(subprocess.Popen(sink))
-        self.proxy_pid = self._start_proxy(REPO, "proxy", self.ports.proxy, self.ports.proxy_admin)
-        if self.baseline:
-            self.baseline_pid = self._start_proxy(
-                self.baseline, "baseline", self.ports.baseline, self.ports.baseline_admin
-            )
+        admins = [self._start_proxy(name) for name in proxies]
         wait_http(f"http://127.0.0.1:{self.ports.backend}/small")
         wait_http(f"http://127.0.0.1:{self.ports.nginx_proxy}/small")
-        wait_http(f"http://127.0.0.1:{self.ports.proxy_admin}/readyz")
-        if self.baseline:
-            wait_http(f"http://127.0.0.1:{self.ports.baseline_admin}/readyz")
-        nginx_master = self.procs[1].pid
-        self.nginx_proxy_workers = nginx_worker_pids(nginx_master)
+        for admin_port in admins:
+            wait_http(f"http://127.0.0.1:{admin_port}/readyz")
+        self.targets["direct"] = (self.ports.backend, [])
+        self.targets["nginx"] = (self.ports.nginx_proxy, nginx_worker_pids(self.procs[1].pid))
 
-    def _start_proxy(self, source: Path, name: str, port: int, admin_port: int) -> int:
+    def _start_proxy(self, name: str) -> int:
+        """Start variant `name` of the proxy on its own ports; return its admin port."""
+        port, admin_port = free_port(), free_port()
+        launcher, extra = PROXY_VARIANTS[name]
+        source = self.baseline if name == "baseline" and self.baseline else REPO
         config = self.root / f"{name}.yaml"
-        config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port))
+        config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, extra))
         proxy = subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, sys.executable, "-m", "proxy", "--config", str(config)],
+            ["taskset", "-c", PROXY_CORE, sys.executable, *launcher, "--config", str(config)],
             cwd=source,
+            stdout=subprocess.DEVNULL,  # the access log
             stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(source)},
         )
         self.procs.append(proxy)
-        return proxy.pid
+        self.targets[name] = (port, [proxy.pid])
+        return admin_port
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -303,20 +311,10 @@ class Bench:
                 proc.wait()
 
     def url(self, target: str, path: str) -> str:
-        port = {
-            "direct": self.ports.backend,
-            "proxy": self.ports.proxy,
-            "nginx": self.ports.nginx_proxy,
-            "baseline": self.ports.baseline,
-        }[target]
-        return f"http://127.0.0.1:{port}{path}"
+        return f"http://127.0.0.1:{self.targets[target][0]}{path}"
 
     def measure(self, target: str, path: str, clients: int, duration: float) -> Run:
-        pids = {
-            "proxy": [self.proxy_pid],
-            "nginx": self.nginx_proxy_workers,
-            "baseline": [self.baseline_pid],
-        }.get(target, [])
+        pids = self.targets[target][1]
         cpu_before = sum(cpu_seconds(p) for p in pids)
         accepts_before = backend_accepts(self.ports.backend_status)
         rps, p50, p99, requests, errors = wrk(self.url(target, path), clients, duration)
@@ -334,7 +332,7 @@ class Bench:
 
     def transfer(self) -> dict[str, float]:
         """1 GiB down and 1 GiB up through the proxy, with its RSS around them."""
-        before = rss_mib(self.proxy_pid)
+        before = rss_mib(self.targets["proxy"][1][0])
         started = time.monotonic()
         subprocess.run(
             ["curl", "-sS", "-o", "/dev/null", self.url("proxy", "/huge")], check=True, timeout=600
@@ -355,8 +353,8 @@ class Bench:
         up_s = time.monotonic() - started
         return {
             "rss_before_mib": before,
-            "peak_rss_after_mib": peak_rss_mib(self.proxy_pid),
-            "rss_after_mib": rss_mib(self.proxy_pid),
+            "peak_rss_after_mib": peak_rss_mib(self.targets["proxy"][1][0]),
+            "rss_after_mib": rss_mib(self.targets["proxy"][1][0]),
             "download_mib_s": 1024 / down_s,
             "upload_mib_s": 1024 / up_s,
         }
@@ -422,7 +420,8 @@ def main() -> int:
     parser.add_argument(
         "--targets",
         default="direct,proxy,nginx",
-        help="comma-separated subset of direct,proxy,nginx",
+        help="comma-separated, from: direct, nginx, " + ", ".join(PROXY_VARIANTS) + " "
+        "(proxy-nolog: access log off; proxy-bare: metrics and access log off)",
     )
     parser.add_argument(
         "--baseline",
@@ -473,7 +472,7 @@ def main() -> int:
             )
         bench = Bench(root, args.pool_limit, baseline)
         try:
-            bench.start()
+            bench.start([t for t in targets if t in PROXY_VARIANTS])
             for target in targets:  # warm up pools and caches
                 wrk(bench.url(target, "/small"), 50, 1)
             for round_ in range(args.rounds):
@@ -489,7 +488,7 @@ def main() -> int:
                         run = bench.measure(target, paths[body], clients, args.duration)
                         samples.setdefault((body, clients, target), []).append(run)
             transfer = None
-            if not args.no_transfer:
+            if not args.no_transfer and "proxy" in targets:
                 print("1 GiB download and upload through the proxy...", file=sys.stderr)
                 transfer = bench.transfer()
         finally:

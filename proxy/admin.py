@@ -1,16 +1,47 @@
-"""The admin listener's application: health and readiness (later: metrics and the pool view).
+"""The admin listener's application: metrics, the live pool view, health and readiness.
 
-Owns what operators and orchestrators ask the proxy; knows nothing of the hot path.
+Owns what operators, Prometheus and orchestrators ask the proxy; knows nothing of the hot path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from proxy.forward import Snapshot
 
 
-def admin_app(state: Callable[[], str]) -> web.Application:
+def pools_view(snapshot: Snapshot) -> dict[str, Any]:
+    """Every pool as it is now: how a user sizes `limit` and `keepalive_timeout`."""
+    upstreams = {}
+    for name, upstream in snapshot.upstreams.items():
+        targets = upstream.target_stats()
+        pool = upstream.settings.pool
+        created, served = upstream.connector.created, upstream.requests
+        upstreams[name] = {
+            "targets": [{"url": t.url, "active": t.active, "idle": t.idle} for t in targets],
+            "limit": pool.limit,
+            "limit_per_host": pool.limit_per_host,
+            "keepalive_timeout": pool.keepalive_timeout,
+            "active": sum(t.active for t in targets),
+            "idle": sum(t.idle for t in targets),
+            "waiting": upstream.connector.waiting,
+            "in_flight": upstream.in_flight,
+            "connections_created": created,
+            "requests": served,
+            # Share of requests that reused a pooled connection instead of opening one.
+            "reuse_ratio": round(max(0, served - created) / served, 4) if served else None,
+        }
+    return {"upstreams": upstreams}
+
+
+def admin_app(
+    state: Callable[[], str], registry: CollectorRegistry, current: Callable[[], Snapshot]
+) -> web.Application:
     """`state()` is "starting", "serving" or "draining"."""
 
     async def healthz(request: web.Request) -> web.Response:
@@ -18,10 +49,16 @@ def admin_app(state: Callable[[], str]) -> web.Application:
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
-        current = state()
-        return web.Response(status=200 if current == "serving" else 503, text=current + "\n")
+        now = state()
+        return web.Response(status=200 if now == "serving" else 503, text=now + "\n")
+
+    async def pools(request: web.Request) -> web.Response:
+        return web.json_response(pools_view(current()))
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/pools", pools)
+    # prometheus-client's own handler: it negotiates OpenMetrics and compression.
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
     return app

@@ -122,6 +122,15 @@ def target_url(value: Any, path: str) -> str:
     return f"{url.scheme}://{url.netloc}"
 
 
+def one_of(*choices: str) -> Check:
+    def check(value: Any, path: str) -> str:
+        if value not in choices:
+            raise _fail(path, "must be one of " + ", ".join(choices), value)
+        return str(value)
+
+    return check
+
+
 def list_of(item: Check) -> Check:
     def check(value: Any, path: str) -> tuple[Any, ...]:
         if not isinstance(value, list) or not value:
@@ -236,11 +245,18 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLog:
+    format: str = key(one_of("json", "text"), "json")
+    enabled: bool = key(boolean, True)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     upstreams: Mapping[str, Upstream] = key(mapping_of(section(Upstream)))
     routes: tuple[Route, ...] = key(list_of(section(Route)))
     listen: Listen = key(section(Listen), Listen())
     admin: Admin = key(section(Admin), Admin())
+    access_log: AccessLog = key(section(AccessLog), AccessLog())
 
 
 def parse_config(data: Any) -> Config:

@@ -17,6 +17,7 @@ Everything here leans on aiohttp internals (`Server._kwargs`, `Server._loop`,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -43,6 +44,8 @@ def _is_oversized_header(exc: BaseException) -> bool:
 
 
 class _ProxyRequestHandler(RequestHandler):
+    on_rejected: Callable[[str | None, int], None] = staticmethod(lambda client, status: None)
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -54,6 +57,7 @@ class _ProxyRequestHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         status = 431 if _is_oversized_header(exc) else 400
         log.info("rejected malformed request from %s: %s", request.remote, exc.message)
+        self.on_rejected(request.remote, status)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; cannot send the error")
         response = plain_response(status, "malformed request")
@@ -62,10 +66,18 @@ class _ProxyRequestHandler(RequestHandler):
 
 
 class ProxyHTTPServer(web.Server):
-    """aiohttp's low-level server, minus its kwarg-dropping fallback (see module docstring)."""
+    """aiohttp's low-level server, minus its kwarg-dropping fallback (see module docstring).
+
+    `on_rejected(client, status)` is told of each request refused before it reached a handler.
+    """
+
+    on_rejected: Callable[[str | None, int], None] | None = None
 
     def __call__(self) -> RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        if self.on_rejected is not None:
+            handler.on_rejected = self.on_rejected
+        return handler
 
 
 _MAY_BE_INVENTED = ("Server", "Content-Type")

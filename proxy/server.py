@@ -9,13 +9,18 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import time
+from typing import TextIO
 
 from aiohttp import web
 
+from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
 from proxy.config import Config
-from proxy.forward import Forwarder, Snapshot
+from proxy.forward import Exchange, Forwarder, Snapshot
 from proxy.listener import ProxyHTTPServer, handler_kwargs
+from proxy.metrics import ProxyMetrics
 from proxy.routing import RoutingTable
 from proxy.upstream import Upstream
 
@@ -37,13 +42,45 @@ def build_snapshot(config: Config) -> Snapshot:
 class ProxyServer:
     """The data-plane listener and the admin listener around one snapshot."""
 
-    def __init__(self, config: Config, *, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shutdown_grace: float = SHUTDOWN_GRACE,
+        access_log_stream: TextIO | None = None,
+    ) -> None:
         self.config = config
         self.state = "starting"
         self._shutdown_grace = shutdown_grace
         self._snapshot: Snapshot | None = None
+        self._proxy_server: ProxyHTTPServer | None = None
         self._proxy_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.access_log = (
+            AccessLog(access_log_stream or sys.stdout, config.access_log.format)
+            if config.access_log.enabled
+            else None
+        )
+        self.metrics = ProxyMetrics(
+            self.current,
+            client_connections=lambda: (
+                len(self._proxy_server.connections) if self._proxy_server else 0
+            ),
+            access_log_dropped=lambda: self.access_log.dropped if self.access_log else 0,
+        )
+        self.metrics.prepare(
+            ((route.name, route.upstream) for route in config.routes), config.upstreams
+        )
+
+    def _observe(self, exchange: Exchange) -> None:
+        """Every request ends here, once: metrics, then the access log."""
+        self.metrics.record(exchange)
+        if self.access_log is not None:
+            self.access_log.write(exchange)
+
+    def _on_rejected(self, client: str | None, status: int) -> None:
+        """A request aiohttp's parser refused (400/431) still counts and is logged."""
+        self._observe(Exchange(time.time(), time.perf_counter(), client, "", "", status=status))
 
     def current(self) -> Snapshot:
         assert self._snapshot is not None, "ProxyServer.start() was not awaited"
@@ -52,18 +89,24 @@ class ProxyServer:
     async def start(self) -> None:
         """Admin first, so /readyz answers 503 while the data plane comes up."""
         config = self.config
-        self._admin_runner = web.AppRunner(admin_app(lambda: self.state), access_log=None)
+        self._admin_runner = web.AppRunner(
+            admin_app(lambda: self.state, self.metrics.registry, self.current), access_log=None
+        )
         await self._admin_runner.setup()
         await _listen(self._admin_runner, config.admin.host, config.admin.port, "admin")
 
+        if self.access_log is not None:
+            self.access_log.start()
         self._snapshot = build_snapshot(config)
         server = ProxyHTTPServer(
-            Forwarder(self.current, scheme="http"),
+            Forwarder(self.current, scheme="http", observe=self._observe),
             # A client that goes away cancels its handler, which cancels the upstream request
             # and frees its pool slot (aiohttp's default is to let the handler run on).
             handler_cancellation=True,
             **handler_kwargs(config.listen.keepalive_timeout),
         )
+        server.on_rejected = self._on_rejected
+        self._proxy_server = server
         self._proxy_runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=self._shutdown_grace
         )
@@ -89,6 +132,8 @@ class ProxyServer:
             await self._snapshot.aclose()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.access_log is not None:
+            self.access_log.close()
 
     @property
     def proxy_address(self) -> tuple[str, int]:

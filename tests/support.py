@@ -277,6 +277,24 @@ class RawClient:
             await self.writer.wait_closed()
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 5.0) -> None:
+    """Poll `check` until it is true, for state the proxy exposes no event for (a scrape)."""
+    async with asyncio.timeout(within):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def admin_get(server: ProxyServer, path: str, **headers: str) -> tuple[int, str, str]:
+    """GET an admin endpoint: (status, content type, body)."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{server.admin_address[1]}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        return response.status, response.content_type, await response.text()
+
+
 def get(target: str = "/", host: str = "example.test", extra: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode("latin-1")
 

@@ -138,7 +138,11 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "listen.keepalive_timeout: must be a number of seconds >= 0, got null",
         ),
         ("admin.host", 5, "admin.host: must be a non-empty string, got 5"),
-        ("listn", {}, "config: unknown key 'listn' (known: upstreams, routes, listen, admin)"),
+        (
+            "listn",
+            {},
+            "config: unknown key 'listn' (known: upstreams, routes, listen, admin, access_log)",
+        ),
         ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
     ],
 )
