@@ -54,6 +54,34 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def positive_int(value: Any, path: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise _fail(path, "must be an integer >= 1", value)
+    return int(value)
+
+
+def fraction(value: Any, path: str) -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise _fail(path, "must be a number from 0 to 1", value)
+    return float(value)
+
+
+def status_range(value: Any, path: str) -> tuple[int, int]:
+    """"200-399" or "200" (a YAML integer too): the inclusive range of healthy statuses."""
+    required = "must be a status or a range of statuses like 200-399"
+    text = str(value) if _is_int(value) else value
+    if not isinstance(text, str):
+        raise _fail(path, required, value)
+    low, _, high = text.partition("-")
+    try:
+        first, last = int(low), int(high or low)
+    except ValueError:
+        raise _fail(path, required, value) from None
+    if not 100 <= first <= last <= 599:
+        raise _fail(path, required, value)
+    return first, last
+
+
 def non_negative_int(value: Any, path: str) -> int:
     if not _is_int(value) or value < 0:
         raise _fail(path, "must be an integer >= 0", value)
@@ -127,6 +155,15 @@ def one_of(*choices: str) -> Check:
         if value not in choices:
             raise _fail(path, "must be one of " + ", ".join(choices), value)
         return str(value)
+
+    return check
+
+
+def optional_section(cls: type[T]) -> Check:
+    """A section that is off when absent, and all defaults when present but empty."""
+
+    def check(value: Any, path: str) -> T:
+        return parse_section(cls, {} if value is None else value, path)
 
     return check
 
@@ -224,10 +261,50 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    url: str = key(target_url)
+    weight: int = key(positive_int, 1)
+
+
+def target(value: Any, path: str) -> Target:
+    """A target: "http://host:port", or {url: ..., weight: N}."""
+    if isinstance(value, dict):
+        return parse_section(Target, value, path)
+    return Target(url=target_url(value, path))
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = key(positive_int, 2)
+    budget: float = key(fraction, 0.2)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = key(path_prefix, "/healthz")
+    interval: float = key(positive_seconds, 5.0)
+    timeout: float = key(positive_seconds, 1.0)
+    healthy_threshold: int = key(positive_int, 2)
+    unhealthy_threshold: int = key(positive_int, 3)
+    expect_status: tuple[int, int] = key(status_range, (200, 399))
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    consecutive_failures: int = key(positive_int, 5)
+    ejection_time: float = key(positive_seconds, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
-    targets: tuple[str, ...] = key(list_of(target_url))
+    targets: tuple[Target, ...] = key(list_of(target))
     pool: Pool = key(section(Pool), Pool())
     timeouts: Timeouts = key(section(Timeouts), Timeouts())
+    balance: str = key(one_of("round_robin", "least_requests", "random"), "round_robin")
+    max_pending: int = key(non_negative_int, 0)
+    retries: Retries = key(section(Retries), Retries())
+    health_check: HealthCheck | None = key(optional_section(HealthCheck), None)
+    outlier: Outlier | None = key(optional_section(Outlier), None)
 
 
 @dataclass(frozen=True, slots=True)
