@@ -67,7 +67,7 @@ def fraction(value: Any, path: str) -> float:
 
 
 def status_range(value: Any, path: str) -> tuple[int, int]:
-    """"200-399" or "200" (a YAML integer too): the inclusive range of healthy statuses."""
+    """ "200-399" or "200" (a YAML integer too): the inclusive range of healthy statuses."""
     required = "must be a status or a range of statuses like 200-399"
     text = str(value) if _is_int(value) else value
     if not isinstance(text, str):

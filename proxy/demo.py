@@ -56,7 +56,7 @@ def demo_backends(config: Config) -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     for upstream in config.upstreams.values():
         for target in upstream.targets:
-            url = urllib.parse.urlsplit(target)
+            url = urllib.parse.urlsplit(target.url)
             host, port = url.hostname, url.port
             local = url.scheme == "http" and host in ("127.0.0.1", "localhost")
             if local and host and port and (host, port) not in found:

@@ -100,12 +100,12 @@ class Upstream:
     def __init__(self, name: str, settings: config.Upstream) -> None:
         self.name = name
         self.settings = settings
-        self.targets = settings.targets
-        self._next_target = itertools.cycle(settings.targets).__next__
+        self.targets = tuple(t.url for t in settings.targets)
+        self._next_target = itertools.cycle(self.targets).__next__
         self.in_flight = 0  # requests being forwarded now (kept by forward.py)
         self.requests = 0  # requests forwarded since start
         pool = settings.pool
-        https = any(t.startswith("https://") for t in settings.targets)
+        https = any(t.startswith("https://") for t in self.targets)
         self.connector = PoolConnector(
             limit=pool.limit,
             limit_per_host=pool.limit_per_host,

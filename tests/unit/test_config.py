@@ -197,7 +197,7 @@ def test_defaults_and_derived_route_names():
 
 def test_targets_are_normalised_to_scheme_and_authority():
     config = parse_config(with_change("upstreams.api.targets", ["https://h.test:8443/"]))
-    assert config.upstreams["api"].targets == ("https://h.test:8443",)
+    assert config.upstreams["api"].targets[0].url == "https://h.test:8443"
 
 
 @pytest.mark.parametrize(
