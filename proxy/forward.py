@@ -18,9 +18,19 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
+from proxy.balancing import TargetState
+from proxy.failures import (
+    CLIENT_ABORT,
+    UNFORWARDABLE,
+    UPSTREAM_ERRORS,
+    Failure,
+    classify,
+    phase,
+)
 from proxy.listener import ForwardedResponse, plain_response
+from proxy.retry import retry_reason, within_budget
 from proxy.routing import RoutingTable, forwarded_path, host_key
-from proxy.upstream import POOL_WAIT, REUSED, Upstream
+from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream
 
 log = logging.getLogger("proxy")
 
@@ -32,42 +42,12 @@ class Snapshot:
     routes: RoutingTable
     upstreams: Mapping[str, Upstream]
 
+    def start(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.start()
+
     async def aclose(self) -> None:
         await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    status: int  # what the client gets if no response header was sent yet
-    kind: str  # the `kind` label of proxy_upstream_errors_total
-    detail: str
-
-
-# First match wins, so subclasses come before their bases (ConnectionTimeoutError is a
-# ServerTimeoutError; ClientConnectorError is a ClientOSError).
-_FAILURES: tuple[tuple[type[BaseException], Failure], ...] = (
-    (aiohttp.ConnectionTimeoutError, Failure(504, "timeout", "timed out connecting to upstream")),
-    (aiohttp.ClientConnectorError, Failure(502, "connect", "could not connect to upstream")),
-    (asyncio.TimeoutError, Failure(504, "timeout", "upstream did not answer in time")),
-    (aiohttp.ServerDisconnectedError, Failure(502, "reset", "upstream closed the connection")),
-    (aiohttp.ClientOSError, Failure(502, "reset", "upstream connection failed")),
-    (aiohttp.ClientConnectionError, Failure(502, "reset", "upstream connection failed")),
-    (aiohttp.ClientResponseError, Failure(502, "protocol", "upstream sent a malformed response")),
-    (aiohttp.ClientPayloadError, Failure(502, "protocol", "upstream sent a malformed body")),
-    (aiohttp.ClientError, Failure(502, "protocol", "upstream request failed")),
-)
-UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-# aiohttp's client parser lets a control character through in a header value; its server then
-# refuses to write it (ValueError from prepare()). Nothing was sent yet, so: 502.
-_UNFORWARDABLE = Failure(502, "protocol", "upstream sent a header that cannot be forwarded")
-
-
-def classify(exc: BaseException) -> Failure:
-    """The one mapping from an upstream exception to a status and an error kind."""
-    for exc_type, failure in _FAILURES:
-        if isinstance(exc, exc_type):
-            return failure
-    raise TypeError(f"not an upstream failure: {exc!r}") from exc
 
 
 def origin_form(raw_target: str) -> tuple[str | None, str] | None:
@@ -179,24 +159,66 @@ class Forwarder:
         out_headers: CIMultiDict[str],
         path: str,
     ) -> web.StreamResponse:
-        exchange.upstream_target = upstream.pick_target()
-        # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
-        url = URL(exchange.upstream_target + path, encoded=True)
         # A body-less request must stay body-less: data=<empty stream> would make it chunked.
         body = request.content if request.body_exists else None
         if body is not None and _expects_continue(request):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        tried: list[TargetState] = []
+        while True:
+            target = upstream.pick(tried)
+            tried.append(target)
+            retry = len(tried) > 1
+            upstream.retries_in_flight += retry
+            try:
+                outcome = await self._attempt(
+                    request, exchange, upstream, target, out_headers, path, body
+                )
+            finally:
+                upstream.retries_in_flight -= retry
+            if isinstance(outcome, web.StreamResponse):
+                return outcome
+            failure, phase, reused = outcome
+            reason = retry_reason(phase, request.method, body is not None, reused)
+            if (
+                reason is None
+                or len(tried) >= upstream.settings.retries.attempts
+                or not within_budget(
+                    upstream.retries_in_flight, upstream.in_flight, upstream.settings.retries.budget
+                )
+            ):
+                exchange.error = failure.kind
+                return _answer(exchange, failure.status, failure.detail)
+            upstream.retries[reason] = upstream.retries.get(reason, 0) + 1
+            upstream.stale += reason == "stale"
+            log.info("%s %s: retrying on another target after %s (%s)", request.method,
+                     exchange.target, failure.detail, reason)  # fmt: skip
 
-        POOL_WAIT.set(0.0)
-        REUSED.set(None)
+    async def _attempt(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        upstream: Upstream,
+        target: TargetState,
+        out_headers: CIMultiDict[str],
+        path: str,
+        body: aiohttp.StreamReader | None,
+    ) -> web.StreamResponse | tuple[Failure, str, bool | None]:
+        """One try on one target: the response, or a failure from before any response header
+        with its phase ("connect", "before_response" or "" when not retryable)."""
+        exchange.upstream_target = target.url
+        # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
+        url = URL(target.url + path, encoded=True)
+        acquisition = Acquisition()
+        ACQUISITION.set(acquisition)
+        target.in_flight += 1
         sent = time.perf_counter()
         try:
             async with upstream.session.request(
                 request.method, url, headers=out_headers, data=body, allow_redirects=False
             ) as upstream_response:
                 exchange.upstream_seconds = time.perf_counter() - sent
-                exchange.pool_wait = POOL_WAIT.get()
-                exchange.reused = REUSED.get()
+                exchange.reused = acquisition.reused
+                upstream.answered(target, acquisition, upstream_response)
                 response = ForwardedResponse(
                     status=upstream_response.status,
                     reason=upstream_response.reason,
@@ -206,33 +228,42 @@ class Forwarder:
                 try:
                     await response.prepare(request)
                 except ConnectionError:  # the client went away while we waited
-                    return _failed(exchange, _CLIENT_ABORT, response)
+                    return _failed(exchange, CLIENT_ABORT, response)
                 except ValueError as exc:
-                    _log_failure(request, url, upstream, _UNFORWARDABLE, exc)
-                    exchange.error = _UNFORWARDABLE.kind
-                    return _answer(exchange, _UNFORWARDABLE.status, _UNFORWARDABLE.detail)
+                    _log_failure(request, url, upstream, UNFORWARDABLE, exc)
+                    exchange.error = UNFORWARDABLE.kind
+                    return _answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
                 failure = await _copy_body(request, upstream_response.content, response, exchange)
                 if failure is not None:
-                    if failure is not _CLIENT_ABORT:
+                    if failure is not CLIENT_ABORT:
+                        upstream.failed(target)
                         _log_failure(request, url, upstream, failure, None, after_headers=True)
                     _abort(request, response)
                     return _failed(exchange, failure, response)
                 await response.write_eof()
                 return response
+        except PoolFull:
+            upstream.pending_rejected += 1
+            return _answer(exchange, 503, "too many requests wait for this upstream", busy=True)
         except UPSTREAM_ERRORS as exc:
+            if acquisition.queued:  # the connect timeout ran out while waiting for a slot
+                exchange.error = "timeout"
+                return _answer(exchange, 503, "no upstream connection free in time", busy=True)
             failure = classify(exc)
             _log_failure(request, url, upstream, failure, exc)
-            exchange.pool_wait = POOL_WAIT.get()
-            exchange.error = failure.kind
-            return _answer(exchange, failure.status, failure.detail)
+            upstream.failed(target)
+            return failure, phase(exc), acquisition.reused
+        finally:
+            target.in_flight -= 1
+            exchange.pool_wait += acquisition.waited
 
 
-_CLIENT_ABORT = Failure(499, "client_abort", "client went away")
-
-
-def _answer(exchange: Exchange, status: int, detail: str) -> web.Response:
-    """A response the proxy makes itself, recorded as what the client got."""
+def _answer(exchange: Exchange, status: int, detail: str, *, busy: bool = False) -> web.Response:
+    """A response the proxy makes itself, recorded as what the client got. `busy`: the
+    upstream is overloaded, so tell the client when to come back (RFC 9110 §10.2.3)."""
     response = plain_response(status, detail)
+    if busy:
+        response.headers["Retry-After"] = "1"
     exchange.status = status
     exchange.bytes_sent = len(response.body)  # type: ignore[arg-type]
     return response
@@ -243,7 +274,7 @@ def _failed(
 ) -> web.StreamResponse:
     """After the headers: the status stays what the client saw, unless the client left."""
     exchange.error = failure.kind
-    if failure is _CLIENT_ABORT:
+    if failure is CLIENT_ABORT:
         exchange.status = 499
     return response
 
@@ -289,7 +320,7 @@ async def _copy_body(
             try:
                 await response.write(chunk)
             except ConnectionError:
-                return _CLIENT_ABORT
+                return CLIENT_ABORT
             exchange.bytes_sent += len(chunk)
         try:
             chunk = await source.readany()

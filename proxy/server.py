@@ -98,6 +98,7 @@ class ProxyServer:
         if self.access_log is not None:
             self.access_log.start()
         self._snapshot = build_snapshot(config)
+        self._snapshot.start()
         server = ProxyHTTPServer(
             Forwarder(self.current, scheme="http", observe=self._observe),
             # A client that goes away cancels its handler, which cancels the upstream request

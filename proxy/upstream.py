@@ -7,28 +7,50 @@ The only module that touches aiohttp's private connector state, all of it in `Po
 
 from __future__ import annotations
 
-import itertools
+import logging
+import re
 import sys
 import time
 import weakref
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from yarl import URL
 
 from proxy import config
+from proxy.balancing import Balancer, TargetState
+from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
+
+log = logging.getLogger("proxy")
+
+# "Keep-Alive: timeout=5, max=100" (RFC 2068 §19.7.1, still sent by Apache, nginx and others).
+_KEEP_ALIVE_TIMEOUT = re.compile(r"(?i)\btimeout\s*=\s*(\d+(?:\.\d+)?)")
 
 # aiohttp invents these on requests unless told not to (AIOHTTP-NOTES §0.3); a proxy must not.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
-# What the connector saw while getting the current request its connection: seconds spent
-# waiting for a pool slot, and whether the connection had served a request before. ContextVars,
-# because this happens deep inside aiohttp's connector, in the task of the request itself.
-POOL_WAIT: ContextVar[float] = ContextVar("pool_wait", default=0.0)
-REUSED: ContextVar[bool | None] = ContextVar("reused", default=None)
+
+class Acquisition:
+    """What the connector saw while getting one attempt its connection. Set per attempt in a
+    ContextVar, because it happens deep inside aiohttp's connector, in the request's own task."""
+
+    __slots__ = ("protocol", "queued", "reused", "waited")
+
+    def __init__(self) -> None:
+        self.waited = 0.0  # seconds spent waiting for a pool slot
+        self.queued = False  # still waiting for a slot when the attempt ended
+        self.reused: bool | None = None  # whether the connection had served a request before
+        self.protocol: ResponseHandler | None = None
+
+
+ACQUISITION: ContextVar[Acquisition] = ContextVar("acquisition")
+
+
+class PoolFull(aiohttp.ClientConnectionError):
+    """`max_pending` requests already wait for a slot: this one is refused at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,23 +68,50 @@ class PoolConnector(aiohttp.TCPConnector):
     tests/e2e/test_metrics.py::test_pool_connector_hooks_exist fails loudly if they move.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, max_pending: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.max_pending = max_pending  # 0 = unbounded
         self.created = 0  # TCP connections opened since start
         self.waiting = 0  # requests waiting for a free slot now
+        self.retired = 0  # idle connections closed before the upstream's announced timeout
+        self._retire_at: weakref.WeakKeyDictionary[ResponseHandler, float] = (
+            weakref.WeakKeyDictionary()
+        )
         self._target_of: weakref.WeakKeyDictionary[ResponseHandler, tuple[str, int | None]] = (
             weakref.WeakKeyDictionary()
         )
         self._unused: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
 
     async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:
+        if self.max_pending and self.waiting >= self.max_pending:
+            raise PoolFull(f"{self.waiting} requests already wait for a connection")
+        acquisition = ACQUISITION.get(None) or Acquisition()
         self.waiting += 1
+        acquisition.queued = True
         started = time.monotonic()
         try:
             await super()._wait_for_available_connection(key, traces)
+            acquisition.queued = False  # stays True if the connect timeout ends the wait
         finally:
             self.waiting -= 1
-            POOL_WAIT.set(POOL_WAIT.get() + time.monotonic() - started)
+            acquisition.waited += time.monotonic() - started
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        # Skip idle connections past the idle timeout their upstream announced (Keep-Alive:
+        # timeout=N): reusing one races the upstream closing it, the stale keep-alive 502.
+        while (connection := await super()._get(key, traces)) is not None:
+            protocol = connection.protocol
+            deadline = self._retire_at.get(protocol) if protocol is not None else None
+            if deadline is None or time.monotonic() < deadline:
+                return connection
+            self.retired += 1
+            connection.close()
+        return None
+
+    def retire_after(self, protocol: ResponseHandler, seconds: float) -> None:
+        """Do not reuse `protocol` once it has been idle for about `seconds`."""
+        margin = min(1.0, seconds / 2)  # leave time for the request to reach the upstream
+        self._retire_at[protocol] = time.monotonic() + seconds - margin
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> ResponseHandler:
         protocol = await super()._create_connection(req, traces, timeout)
@@ -78,7 +127,10 @@ class PoolConnector(aiohttp.TCPConnector):
         fresh = protocol is not None and protocol in self._unused
         if protocol is not None and fresh:
             self._unused.discard(protocol)
-        REUSED.set(not fresh)
+        acquisition = ACQUISITION.get(None)
+        if acquisition is not None:
+            acquisition.reused = not fresh
+            acquisition.protocol = protocol
         return connection
 
     def target_stats(self) -> dict[tuple[str, int | None], tuple[int, int]]:
@@ -95,18 +147,31 @@ class PoolConnector(aiohttp.TCPConnector):
 
 
 class Upstream:
-    """A named pool of targets. Build inside the running event loop; close with `aclose()`."""
+    """A named pool of targets. Build inside the running event loop; `start()` begins its
+    health checks; close with `aclose()`."""
 
     def __init__(self, name: str, settings: config.Upstream) -> None:
         self.name = name
         self.settings = settings
-        self.targets = tuple(t.url for t in settings.targets)
-        self._next_target = itertools.cycle(self.targets).__next__
+        self.targets = tuple(TargetState(t.url, t.weight) for t in settings.targets)
+        self.balancer = Balancer(self.targets, settings.balance)
+        self.outlier = Outlier(name, settings.outlier)
+        self.health = (
+            HealthChecker(name, self.targets, settings.health_check)
+            if settings.health_check is not None
+            else None
+        )
         self.in_flight = 0  # requests being forwarded now (kept by forward.py)
         self.requests = 0  # requests forwarded since start
+        self.retries_in_flight = 0  # attempts after the first, being made now
+        self.retries: dict[str, int] = {}  # by reason, since start
+        self.stale = 0  # reused connections found closed, and recovered from by a retry
+        self.pending_rejected = 0  # requests refused at once because max_pending were waiting
+        self.panicking = False
         pool = settings.pool
-        https = any(t.startswith("https://") for t in self.targets)
+        https = any(t.url.startswith("https://") for t in self.targets)
         self.connector = PoolConnector(
+            max_pending=settings.max_pending,
             limit=pool.limit,
             limit_per_host=pool.limit_per_host,
             # keepalive_timeout=0 alone would keep idle sockets; force_close closes each one.
@@ -129,21 +194,57 @@ class Upstream:
             trust_env=False,  # HTTP_PROXY in the environment must not reroute upstream traffic
             raise_for_status=False,
         )
+        # aiohttp silently retries an idempotent request once on a broken connection; the
+        # proxy makes every retry itself, by its own rules, and counts it (retry.py).
+        # Checked against aiohttp 3.14.5 by test_pool_connector_hooks_exist.
+        self.session._retry_connection = False
 
-    def pick_target(self) -> str:
-        """The next target, round robin: "scheme://host:port"."""
-        return self._next_target()
+    def start(self) -> None:
+        if self.health is not None:
+            self.health.start()
+
+    def pick(self, exclude: Sequence[TargetState] = ()) -> TargetState:
+        """The target for the next attempt, by the upstream's `balance`."""
+        target = self.balancer.pick(time.monotonic(), exclude)
+        if self.balancer.panic != self.panicking:
+            self.panicking = self.balancer.panic
+            if self.panicking:
+                log.warning("upstream %s: no target is healthy; panic mode, trying them all",
+                            self.name)  # fmt: skip
+            else:
+                log.info("upstream %s: healthy targets again, panic mode over", self.name)
+        return target
+
+    def answered(
+        self, target: TargetState, acquisition: Acquisition, response: aiohttp.ClientResponse
+    ) -> None:
+        """Learn from a response's status line and headers: passive health, a rest the target
+        asked for, and the idle timeout it announced for this connection."""
+        status = response.status
+        if self.outlier.settings is not None:
+            self.outlier.record(target, status in (502, 503, 504), time.monotonic())
+        if status == 503 or status == 429:
+            seconds = retry_after_seconds(response.headers.get("Retry-After"))
+            if seconds:
+                rest(self.name, target, seconds, time.monotonic())
+        keep_alive = response.headers.get("Keep-Alive")
+        if keep_alive is not None and acquisition.protocol is not None:
+            match = _KEEP_ALIVE_TIMEOUT.search(keep_alive)
+            if match:
+                self.connector.retire_after(acquisition.protocol, float(match.group(1)))
+
+    def failed(self, target: TargetState) -> None:
+        """A connect, timeout, reset or protocol failure of `target`."""
+        if self.outlier.settings is not None:
+            self.outlier.record(target, True, time.monotonic())
 
     def target_stats(self) -> list[TargetStats]:
         """Active and idle connections per configured target, in config order."""
         by_address = self.connector.target_stats()
-        stats = []
-        for url in self.targets:
-            parsed = URL(url)
-            active, idle = by_address.get((parsed.host or "", parsed.port), (0, 0))
-            stats.append(TargetStats(url, active, idle))
-        return stats
+        return [TargetStats(t.url, *by_address.get((t.host, t.port), (0, 0))) for t in self.targets]
 
     async def aclose(self) -> None:
-        """Close the session and every pooled connection (in-flight ones are aborted)."""
+        """Stop health checks; close the session and every pooled connection."""
+        if self.health is not None:
+            await self.health.aclose()
         await self.session.close()

@@ -67,7 +67,7 @@ async def test_read_timeout_before_headers_is_504(backend, proxy):
     assert status == 504
 
 
-async def test_pool_wait_longer_than_connect_timeout_is_504(backend, proxy):
+async def test_pool_wait_longer_than_connect_timeout_is_503_with_retry_after(backend, proxy):
     origin = await backend(answering(http_response(body=b"slow"), delay=1.0))
     server = await proxy(
         config_dict({"app": upstream(origin.url, pool={"limit": 1}, timeouts={"connect": 0.3})})
@@ -76,7 +76,9 @@ async def test_pool_wait_longer_than_connect_timeout_is_504(backend, proxy):
     slow = asyncio.create_task(exchange(port, get(extra="Connection: close\r\n")))
     await origin.received(1)
     waited = await exchange(port, get(extra="Connection: close\r\n"))
-    assert waited.startswith(b"HTTP/1.1 504 ")
+    # Overload, not a dead upstream: 503 and when to come back (a TCP connect timeout is 504).
+    assert waited.startswith(b"HTTP/1.1 503 ")
+    assert b"\r\nRetry-After: 1\r\n" in waited
     assert (await slow).endswith(b"slow")
 
 

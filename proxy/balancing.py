@@ -1,0 +1,95 @@
+"""Target choice: which target of an upstream gets the next request.
+
+Owns each target's live state (in flight, health, ejection, rest) and the three strategies;
+knows nothing of aiohttp, YAML or routes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from yarl import URL
+
+
+@dataclass(eq=False, slots=True)
+class TargetState:
+    """One target as the proxy sees it now. Compared by identity."""
+
+    url: str
+    weight: int = 1
+    in_flight: int = 0  # requests being forwarded to it now
+    healthy: bool = True  # the active health check's verdict (True when there is none)
+    ejected_until: float = 0.0  # monotonic; passive outlier ejection
+    rested_until: float = 0.0  # monotonic; the target asked for a rest (Retry-After)
+    consecutive_failures: int = 0
+    ejections: int = 0  # ejections in a row, for the doubling back-off
+    ejection_counts: dict[str, int] = field(default_factory=dict)  # by reason, for metrics
+    smooth_weight: int = 0  # smooth weighted round robin's running weight
+    host: str = ""
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        url = URL(self.url)
+        self.host, self.port = url.host or "", url.port
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until and now >= self.rested_until
+
+
+class Balancer:
+    """Picks among the targets that are available now; when none is, among all (panic mode,
+    as Envoy does: better to try a target that may have recovered than to fail everything)."""
+
+    def __init__(
+        self, targets: Sequence[TargetState], strategy: str, rng: random.Random | None = None
+    ) -> None:
+        self.targets = tuple(targets)
+        self._rng = rng or random.Random()
+        self._choose = {
+            "round_robin": self._round_robin,
+            "least_requests": self._least_requests,
+            "random": self._random,
+        }[strategy]
+        self.panic = False  # the last pick found no available target
+
+    def pick(self, now: float, exclude: Sequence[TargetState] = ()) -> TargetState:
+        """The target for the next attempt; `exclude` holds targets this request already tried
+        (a retry goes elsewhere when there is anywhere else to go)."""
+        targets = self.targets
+        if len(targets) == 1:  # the common case, kept cheap
+            only = targets[0]
+            self.panic = not only.available(now)
+            return only
+        candidates = [t for t in targets if t.available(now) and t not in exclude]
+        self.panic = not candidates and not any(t.available(now) for t in targets)
+        if not candidates:
+            candidates = [t for t in targets if t not in exclude] or list(targets)
+        if len(candidates) == 1:
+            return candidates[0]
+        return self._choose(candidates)
+
+    def _round_robin(self, candidates: list[TargetState]) -> TargetState:
+        # nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, not a a a a a b c.
+        total = 0
+        best = candidates[0]
+        for target in candidates:
+            target.smooth_weight += target.weight
+            total += target.weight
+            if target.smooth_weight > best.smooth_weight:
+                best = target
+        best.smooth_weight -= total
+        return best
+
+    def _random(self, candidates: list[TargetState]) -> TargetState:
+        return self._rng.choices(candidates, weights=[t.weight for t in candidates])[0]
+
+    def _least_requests(self, candidates: list[TargetState]) -> TargetState:
+        # Power of two choices: two targets drawn by weight, the one with fewer requests in
+        # flight per unit of weight wins. Near-optimal spread without scanning every target.
+        first = self._random(candidates)
+        second = self._random([t for t in candidates if t is not first])
+        if second.in_flight * first.weight < first.in_flight * second.weight:
+            return second
+        return first
