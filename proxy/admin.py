@@ -5,6 +5,7 @@ Owns what operators, Prometheus and orchestrators ask the proxy; knows nothing o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,12 +19,28 @@ from proxy.forward import Snapshot
 def pools_view(snapshot: Snapshot) -> dict[str, Any]:
     """Every pool as it is now: how a user sizes `limit` and `keepalive_timeout`."""
     upstreams = {}
+    now = time.monotonic()
     for name, upstream in snapshot.upstreams.items():
         targets = upstream.target_stats()
         pool = upstream.settings.pool
         created, served = upstream.connector.created, upstream.requests
         upstreams[name] = {
-            "targets": [{"url": t.url, "active": t.active, "idle": t.idle} for t in targets],
+            "targets": [
+                {
+                    "url": stats.url,
+                    "weight": target.weight,
+                    "up": target.available(now),
+                    "healthy": target.healthy,
+                    "ejected_for": round(max(0.0, target.ejected_until - now), 1),
+                    "resting_for": round(max(0.0, target.rested_until - now), 1),
+                    "in_flight": target.in_flight,
+                    "active": stats.active,
+                    "idle": stats.idle,
+                }
+                for stats, target in zip(targets, upstream.targets, strict=True)
+            ],
+            "balance": upstream.settings.balance,
+            "panic": not any(t.available(now) for t in upstream.targets),
             "limit": pool.limit,
             "limit_per_host": pool.limit_per_host,
             "keepalive_timeout": pool.keepalive_timeout,
@@ -35,6 +52,10 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
             "requests": served,
             # Share of requests that reused a pooled connection instead of opening one.
             "reuse_ratio": round(max(0, served - created) / served, 4) if served else None,
+            "retries": dict(upstream.retries),
+            "stale_connections": upstream.stale,
+            "retired_connections": upstream.connector.retired,
+            "pending_rejected": upstream.pending_rejected,
         }
     return {"upstreams": upstreams}
 

@@ -164,6 +164,7 @@ class Forwarder:
         if body is not None and _expects_continue(request):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         tried: list[TargetState] = []
+        fresh_only = False
         while True:
             target = upstream.pick(tried)
             tried.append(target)
@@ -171,7 +172,7 @@ class Forwarder:
             upstream.retries_in_flight += retry
             try:
                 outcome = await self._attempt(
-                    request, exchange, upstream, target, out_headers, path, body
+                    request, exchange, upstream, target, out_headers, path, body, fresh_only
                 )
             finally:
                 upstream.retries_in_flight -= retry
@@ -183,13 +184,17 @@ class Forwarder:
                 reason is None
                 or len(tried) >= upstream.settings.retries.attempts
                 or not within_budget(
-                    upstream.retries_in_flight, upstream.in_flight, upstream.settings.retries.budget
+                    reason,
+                    upstream.retries_in_flight,
+                    upstream.in_flight,
+                    upstream.settings.retries.budget,
                 )
             ):
                 exchange.error = failure.kind
                 return _answer(exchange, failure.status, failure.detail)
             upstream.retries[reason] = upstream.retries.get(reason, 0) + 1
             upstream.stale += reason == "stale"
+            fresh_only = reason == "stale"
             log.info("%s %s: retrying on another target after %s (%s)", request.method,
                      exchange.target, failure.detail, reason)  # fmt: skip
 
@@ -202,13 +207,14 @@ class Forwarder:
         out_headers: CIMultiDict[str],
         path: str,
         body: aiohttp.StreamReader | None,
+        fresh_only: bool,
     ) -> web.StreamResponse | tuple[Failure, str, bool | None]:
         """One try on one target: the response, or a failure from before any response header
         with its phase ("connect", "before_response" or "" when not retryable)."""
         exchange.upstream_target = target.url
         # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
         url = URL(target.url + path, encoded=True)
-        acquisition = Acquisition()
+        acquisition = Acquisition(fresh_only)
         ACQUISITION.set(acquisition)
         target.in_flight += 1
         sent = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import platform
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import aiohttp
@@ -30,6 +31,8 @@ METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol", "client_abort")
+RETRY_REASONS = ("connect", "reset", "stale")
+EJECTION_REASONS = ("consecutive_failures", "health_check", "retry_after")
 # Request and upstream latencies, 1 ms to 1 min.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -211,7 +214,51 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
         "Configured pool.limit_per_host (0 = unlimited).",
         labels=("upstream",),
     )
+    retries = CounterMetricFamily(
+        "proxy_upstream_retries",
+        "Attempts made again on another target, by the reason the previous one failed.",
+        labels=("upstream", "reason"),
+    )
+    target_up = GaugeMetricFamily(
+        "proxy_upstream_target_up",
+        "1 while the target is in rotation: passing health checks, not ejected, not resting.",
+        labels=("upstream", "target"),
+    )
+    ejections = CounterMetricFamily(
+        "proxy_upstream_ejections",
+        "Times a target was taken out of rotation, by reason.",
+        labels=("upstream", "target", "reason"),
+    )
+    rejected = CounterMetricFamily(
+        "proxy_upstream_pending_rejected",
+        "Requests answered 503 at once because max_pending requests already waited.",
+        labels=("upstream",),
+    )
+    stale = CounterMetricFamily(
+        "proxy_upstream_stale_connections",
+        "Reused connections the upstream had closed, detected and recovered from by a retry.",
+        labels=("upstream",),
+    )
+    panic = GaugeMetricFamily(
+        "proxy_upstream_panic",
+        "1 while no target is in rotation and every target is tried (panic mode).",
+        labels=("upstream",),
+    )
+    now = time.monotonic()
     for name, upstream in snapshot.upstreams.items():
+        for reason in RETRY_REASONS:
+            retries.add_metric([name, reason], upstream.retries.get(reason, 0))
+        available = 0
+        for target in upstream.targets:
+            up = target.available(now)
+            available += up
+            target_up.add_metric([name, target.url], int(up))
+            for reason in EJECTION_REASONS:
+                count = target.ejection_counts.get(reason, 0)
+                ejections.add_metric([name, target.url, reason], count)
+        rejected.add_metric([name], upstream.pending_rejected)
+        stale.add_metric([name], upstream.stale)
+        panic.add_metric([name], int(available == 0))
         stats = upstream.target_stats()
         in_flight.add_metric([name], upstream.in_flight)
         connections.add_metric([name, "active"], sum(t.active for t in stats))
@@ -221,3 +268,4 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
         limit.add_metric([name], upstream.settings.pool.limit)
         limit_per_host.add_metric([name], upstream.settings.pool.limit_per_host)
     yield from (in_flight, connections, created, waiting, limit, limit_per_host)
+    yield from (retries, target_up, ejections, rejected, stale, panic)

@@ -25,7 +25,17 @@ def retry_reason(phase: str, method: str, has_body: bool, reused: bool | None) -
     return None
 
 
-def within_budget(retries_in_flight: int, requests_in_flight: int, budget: float) -> bool:
+def within_budget(
+    reason: str, retries_in_flight: int, requests_in_flight: int, budget: float
+) -> bool:
     """Retries in flight stay under `budget` times the requests in flight (but at least
-    MIN_RETRIES_IN_FLIGHT are allowed), so a failing upstream sees that much extra load at most."""
+    MIN_RETRIES_IN_FLIGHT are allowed), so a failing upstream sees that much extra load at most.
+
+    A "stale" retry is outside the budget: the upstream never saw the first attempt (it had
+    closed that idle connection), so the retry, on a fresh connection, adds no load, and says
+    nothing about the upstream's health. Many idle connections go stale at once, and each of
+    their requests must still succeed.
+    """
+    if reason == "stale":
+        return True
     return retries_in_flight < max(MIN_RETRIES_IN_FLIGHT, budget * requests_in_flight)

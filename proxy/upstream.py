@@ -37,9 +37,10 @@ class Acquisition:
     """What the connector saw while getting one attempt its connection. Set per attempt in a
     ContextVar, because it happens deep inside aiohttp's connector, in the request's own task."""
 
-    __slots__ = ("protocol", "queued", "reused", "waited")
+    __slots__ = ("fresh_only", "protocol", "queued", "reused", "waited")
 
-    def __init__(self) -> None:
+    def __init__(self, fresh_only: bool = False) -> None:
+        self.fresh_only = fresh_only  # never an idle pooled connection (a retry after a stale one)
         self.waited = 0.0  # seconds spent waiting for a pool slot
         self.queued = False  # still waiting for a slot when the attempt ended
         self.reused: bool | None = None  # whether the connection had served a request before
@@ -99,6 +100,9 @@ class PoolConnector(aiohttp.TCPConnector):
     async def _get(self, key: Any, traces: Any) -> Any:
         # Skip idle connections past the idle timeout their upstream announced (Keep-Alive:
         # timeout=N): reusing one races the upstream closing it, the stale keep-alive 502.
+        acquisition = ACQUISITION.get(None)
+        if acquisition is not None and acquisition.fresh_only:
+            return None  # its siblings are likely stale too: open a new connection
         while (connection := await super()._get(key, traces)) is not None:
             protocol = connection.protocol
             deadline = self._retire_at.get(protocol) if protocol is not None else None

@@ -159,7 +159,15 @@ async def test_pool_gauges_show_active_waiting_and_idle_connections_live(backend
     assert sample(samples, "proxy_requests_in_flight", upstream="app") == 5
     assert sample(samples, "proxy_client_connections") == 5
     pools = json.loads((await admin_get(server, "/pools"))[2])["upstreams"]["app"]
-    assert pools["targets"] == [{"url": origin.url, "active": 2, "idle": 0}]
+    target = {
+        "url": origin.url,
+        "weight": 1,
+        "up": True,
+        "healthy": True,
+        "ejected_for": 0.0,
+        "resting_for": 0.0,
+    }
+    assert pools["targets"] == [{**target, "in_flight": 5, "active": 2, "idle": 0}]
     assert (pools["waiting"], pools["in_flight"], pools["limit"]) == (3, 5, 2)
 
     release.set()
@@ -173,7 +181,7 @@ async def test_pool_gauges_show_active_waiting_and_idle_connections_live(backend
     no_wait = sample(samples, "proxy_upstream_pool_wait_seconds_bucket", upstream="app", le="0.0")
     assert (waits, no_wait) == (5, 2)  # three requests waited for a slot
     pools = json.loads((await admin_get(server, "/pools"))[2])["upstreams"]["app"]
-    assert pools["targets"] == [{"url": origin.url, "active": 0, "idle": 2}]
+    assert pools["targets"] == [{**target, "in_flight": 0, "active": 0, "idle": 2}]
     assert (pools["connections_created"], pools["requests"], pools["reuse_ratio"]) == (2, 5, 0.6)
 
 
@@ -227,15 +235,19 @@ def test_pool_connector_hooks_exist():
     from proxy.upstream import PoolConnector
 
     assert callable(BaseConnector._wait_for_available_connection)
+    assert callable(BaseConnector._get)
     assert callable(aiohttp.TCPConnector._create_connection)
 
     async def make() -> None:
         connector = PoolConnector()
+        session = aiohttp.ClientSession(connector=connector)
         try:
             assert isinstance(connector._acquired, set)
             assert isinstance(connector._conns, dict)
+            # aiohttp's own silent retry, which Upstream switches off (retries are the proxy's)
+            assert session._retry_connection is True
         finally:
-            await connector.close()
+            await session.close()
 
     asyncio.run(make())
 

@@ -144,6 +144,64 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "config: unknown key 'listn' (known: upstreams, routes, listen, admin, access_log)",
         ),
         ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
+        (
+            "upstreams.api.targets",
+            [{"url": "http://a:1", "weight": 0}],
+            "upstreams.api.targets[0].weight: must be an integer >= 1, got 0",
+        ),
+        (
+            "upstreams.api.targets",
+            [{"weight": 2}],
+            "upstreams.api.targets[0]: missing required key 'url'",
+        ),
+        (
+            "upstreams.api.balance",
+            "fastest",
+            "upstreams.api.balance: must be one of round_robin, least_requests, random, "
+            "got 'fastest'",
+        ),
+        (
+            "upstreams.api.max_pending",
+            -1,
+            "upstreams.api.max_pending: must be an integer >= 0, got -1",
+        ),
+        (
+            "upstreams.api.retries.attempts",
+            0,
+            "upstreams.api.retries.attempts: must be an integer >= 1, got 0",
+        ),
+        (
+            "upstreams.api.retries.budget",
+            1.5,
+            "upstreams.api.retries.budget: must be a number from 0 to 1, got 1.5",
+        ),
+        (
+            "upstreams.api.health_check.expect_status",
+            "299-200",
+            "upstreams.api.health_check.expect_status: must be a status or a range of statuses "
+            "like 200-399, got '299-200'",
+        ),
+        (
+            "upstreams.api.health_check.interval",
+            0,
+            "upstreams.api.health_check.interval: must be a number of seconds > 0, got 0",
+        ),
+        (
+            "upstreams.api.health_check.path",
+            "healthz",
+            "upstreams.api.health_check.path: must be a string starting with '/', got 'healthz'",
+        ),
+        (
+            "upstreams.api.outlier.consecutive_failures",
+            0,
+            "upstreams.api.outlier.consecutive_failures: must be an integer >= 1, got 0",
+        ),
+        (
+            "upstreams.api.outlier.ejection_tme",
+            5,
+            "upstreams.api.outlier: unknown key 'ejection_tme' "
+            "(known: consecutive_failures, ejection_time)",
+        ),
     ],
 )
 def test_each_bad_value_names_its_key_path(path, value, message):
@@ -193,6 +251,20 @@ def test_defaults_and_derived_route_names():
     assert [r.name for r in config.routes] == ["api.example.com/api/", "/static/", "/"]
     assert config.routes[0].match.host == "api.example.com"
     assert config.routes[0].strip_prefix is False
+
+
+def test_resilience_defaults_and_target_forms():
+    data = with_change("upstreams.api.targets", ["http://a:1", {"url": "http://b:2", "weight": 3}])
+    data["upstreams"]["api"]["health_check"] = None  # present but empty: all defaults
+    data["upstreams"]["api"]["outlier"] = {"consecutive_failures": 2}
+    api = parse_config(data).upstreams["api"]
+    assert [(t.url, t.weight) for t in api.targets] == [("http://a:1", 1), ("http://b:2", 3)]
+    assert (api.balance, api.max_pending) == ("round_robin", 0)
+    assert (api.retries.attempts, api.retries.budget) == (2, 0.2)
+    assert api.health_check is not None and api.health_check.expect_status == (200, 399)
+    assert api.outlier is not None and api.outlier.ejection_time == 30.0
+    static = parse_config(BASE).upstreams["static"]
+    assert static.health_check is None and static.outlier is None  # absent: off
 
 
 def test_targets_are_normalised_to_scheme_and_authority():
