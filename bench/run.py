@@ -54,6 +54,7 @@ class Ports:
     backend_status: int
     nginx_proxy: int
     sink: int
+    backend2: int  # the same nginx backend on a second port: a second target
 
 
 # The proxy under test, in variants: (how it is started, extra YAML). "baseline" runs
@@ -63,6 +64,8 @@ PROXY_VARIANTS = {
     "proxy-nolog": (["-m", "proxy"], "access_log: {enabled: false}\n"),  # metrics only
     "proxy-bare": (["bench/bare.py"], "access_log: {enabled: false}\n"),  # neither
     "baseline": (["-m", "proxy"], ""),
+    # Two targets balanced by least_requests (TARGETS is replaced by both backend ports).
+    "proxy-2lr": (["-m", "proxy"], "TWO-TARGETS"),
 }
 
 
@@ -90,6 +93,7 @@ http {{
         + f"""
     server {{
         listen 127.0.0.1:{ports.backend} backlog=4096;
+        listen 127.0.0.1:{ports.backend2} backlog=4096;
         client_max_body_size 0;
         root {root}/www;
         location = /small {{ default_type text/plain; }}
@@ -126,6 +130,13 @@ http {{
 
 
 def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
+    targets = f"[http://127.0.0.1:{ports.backend}]"
+    if extra == "TWO-TARGETS":
+        extra = ""
+        targets = (
+            f"[http://127.0.0.1:{ports.backend}, http://127.0.0.1:{ports.backend2}]\n"
+            "    balance: least_requests"
+        )
     return (
         extra
         + f"""
@@ -133,7 +144,7 @@ listen: {{host: 127.0.0.1, port: {port}, keepalive_timeout: 75}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
 upstreams:
   backend:
-    targets: [http://127.0.0.1:{ports.backend}]
+    targets: {targets}
     pool: {{limit: {pool_limit}, limit_per_host: 0, keepalive_timeout: 60}}
     timeouts: {{connect: 5, read: 30}}
   sink:
@@ -247,7 +258,7 @@ def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, i
 class Bench:
     def __init__(self, root: Path, pool_limit: int, baseline: Path | None) -> None:
         self.root = root
-        self.ports = Ports(*(free_port() for _ in range(4)))
+        self.ports = Ports(*(free_port() for _ in range(5)))
         self.pool_limit = pool_limit
         self.baseline = baseline  # a checkout of another revision, run as target "baseline"
         self.procs: list[subprocess.Popen[bytes]] = []
