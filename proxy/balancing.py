@@ -7,7 +7,7 @@ knows nothing of aiohttp, YAML or routes.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -47,7 +47,7 @@ class Balancer:
     ) -> None:
         self.targets = tuple(targets)
         self._rng = rng or random.Random()
-        self._choose = {
+        self._choose: Callable[[Sequence[TargetState]], TargetState] = {
             "round_robin": self._round_robin,
             "least_requests": self._least_requests,
             "random": self._random,
@@ -62,6 +62,13 @@ class Balancer:
             only = targets[0]
             self.panic = not only.available(now)
             return only
+        if not exclude:
+            for target in targets:
+                if not target.available(now):
+                    break
+            else:  # all in rotation, nothing to exclude: the common case, no list to build
+                self.panic = False
+                return self._choose(targets)
         candidates = [t for t in targets if t.available(now) and t not in exclude]
         self.panic = not candidates and not any(t.available(now) for t in targets)
         if not candidates:
@@ -70,7 +77,7 @@ class Balancer:
             return candidates[0]
         return self._choose(candidates)
 
-    def _round_robin(self, candidates: list[TargetState]) -> TargetState:
+    def _round_robin(self, candidates: Sequence[TargetState]) -> TargetState:
         # nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, not a a a a a b c.
         total = 0
         best = candidates[0]
@@ -82,14 +89,25 @@ class Balancer:
         best.smooth_weight -= total
         return best
 
-    def _random(self, candidates: list[TargetState]) -> TargetState:
-        return self._rng.choices(candidates, weights=[t.weight for t in candidates])[0]
+    def _random(
+        self, candidates: Sequence[TargetState], skip: TargetState | None = None
+    ) -> TargetState:
+        """A target drawn by weight (never `skip`): one random() and a walk, no lists."""
+        total = sum(t.weight for t in candidates) - (skip.weight if skip is not None else 0)
+        left = self._rng.random() * total
+        for target in candidates:
+            if target is skip:
+                continue
+            left -= target.weight
+            if left < 0:
+                return target
+        return next(t for t in reversed(candidates) if t is not skip)
 
-    def _least_requests(self, candidates: list[TargetState]) -> TargetState:
+    def _least_requests(self, candidates: Sequence[TargetState]) -> TargetState:
         # Power of two choices: two targets drawn by weight, the one with fewer requests in
         # flight per unit of weight wins. Near-optimal spread without scanning every target.
         first = self._random(candidates)
-        second = self._random([t for t in candidates if t is not first])
+        second = self._random(candidates, skip=first)
         if second.in_flight * first.weight < first.in_flight * second.weight:
             return second
         return first
