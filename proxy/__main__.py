@@ -12,6 +12,8 @@ import sys
 
 from proxy import __version__
 from proxy.config import ConfigError, load_config
+from proxy.reload import describe_changes
+from proxy.tls import check_files
 
 EXIT_CONFIG_ERROR = 2
 EXIT_STARTUP_ERROR = 1
@@ -25,19 +27,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check", action="store_true", help="validate FILE, print one line, and exit (0 or 2)"
     )
+    parser.add_argument(
+        "--diff",
+        metavar="RUNNING",
+        help="with --check: also print what a reload from config file RUNNING to FILE changes",
+    )
     parser.add_argument("--version", action="version", version=f"proxy {__version__}")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.diff and not args.check:
+        print("proxy: --diff goes with --check", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         config = load_config(args.config)
+        check_files(config)
+        running = load_config(args.diff) if args.diff else None
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.check:
         print(f"config OK: {len(config.upstreams)} upstreams, {len(config.routes)} routes")
+        if running is not None:
+            print("\n".join(describe_changes(running, config)))
         return 0
 
     logging.basicConfig(
@@ -46,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.server import StartupError, serve  # aiohttp is imported only to serve
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.config))
     except StartupError as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return EXIT_STARTUP_ERROR

@@ -6,7 +6,7 @@ Owns what operators, Prometheus and orchestrators ask the proxy; knows nothing o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -61,9 +61,12 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def admin_app(
-    state: Callable[[], str], registry: CollectorRegistry, current: Callable[[], Snapshot]
+    state: Callable[[], str],
+    registry: CollectorRegistry,
+    current: Callable[[], Snapshot],
+    reload: Callable[[], Awaitable[tuple[bool, str]]],
 ) -> web.Application:
-    """`state()` is "starting", "serving" or "draining"."""
+    """`state()` is "starting", "serving" or "draining"; `reload()` re-reads the config file."""
 
     async def healthz(request: web.Request) -> web.Response:
         # Alive as long as the process answers: liveness must not fail during a drain.
@@ -76,7 +79,12 @@ def admin_app(
     async def pools(request: web.Request) -> web.Response:
         return web.json_response(pools_view(current()))
 
+    async def reload_config(request: web.Request) -> web.Response:
+        applied, message = await reload()
+        return web.Response(status=200 if applied else 400, text=message + "\n")
+
     app = web.Application()
+    app.router.add_post("/reload", reload_config)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/pools", pools)

@@ -235,10 +235,17 @@ def parse_section(cls: type[T], value: Any, path: str) -> T:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenTLS:
+    cert: str = key(text)  # PEM certificate chain
+    key: str = key(text)  # PEM private key
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     host: str = key(text, "0.0.0.0")
     port: int = key(port, 8080)
     keepalive_timeout: float = key(non_negative_seconds, 75.0)
+    tls: ListenTLS | None = key(optional_section(ListenTLS), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +303,13 @@ class Outlier:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    ca_file: str | None = key(text, None)  # PEM CAs to trust instead of the system's
+    verify: bool = key(boolean, True)
+    server_name: str | None = key(host_name, None)  # SNI and the name the cert must carry
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     targets: tuple[Target, ...] = key(list_of(target))
     pool: Pool = key(section(Pool), Pool())
@@ -305,6 +319,7 @@ class Upstream:
     retries: Retries = key(section(Retries), Retries())
     health_check: HealthCheck | None = key(optional_section(HealthCheck), None)
     outlier: Outlier | None = key(optional_section(Outlier), None)
+    tls: UpstreamTLS = key(section(UpstreamTLS), UpstreamTLS())
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +337,21 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Shutdown:
+    delay: float = key(non_negative_seconds, 0.0)  # s between /readyz 503 and closing the port
+    grace: float = key(non_negative_seconds, 30.0)  # s in-flight requests get to finish
+
+
+def workers_count(value: Any, path: str) -> int:
+    """An integer >= 1, or "auto" (0 here: the number of CPUs, resolved at start)."""
+    if value == "auto":
+        return 0
+    if not _is_int(value) or not 1 <= value <= 256:
+        raise _fail(path, "must be an integer from 1 to 256, or auto", value)
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLog:
     format: str = key(one_of("json", "text"), "json")
     enabled: bool = key(boolean, True)
@@ -334,6 +364,8 @@ class Config:
     listen: Listen = key(section(Listen), Listen())
     admin: Admin = key(section(Admin), Admin())
     access_log: AccessLog = key(section(AccessLog), AccessLog())
+    shutdown: Shutdown = key(section(Shutdown), Shutdown())
+    workers: int = key(workers_count, 1)  # 0 = auto
 
 
 def parse_config(data: Any) -> Config:

@@ -150,6 +150,8 @@ class Forwarder:
             )
         finally:
             upstream.in_flight -= 1
+            if upstream.drained is not None and not upstream.in_flight:
+                upstream.drained.set()  # a reload replaced it: it may close now
 
     async def _forward(
         self,
@@ -220,7 +222,12 @@ class Forwarder:
         sent = time.perf_counter()
         try:
             async with upstream.session.request(
-                request.method, url, headers=out_headers, data=body, allow_redirects=False
+                request.method,
+                url,
+                headers=out_headers,
+                data=body,
+                allow_redirects=False,
+                server_hostname=upstream.server_hostname,
             ) as upstream_response:
                 exchange.upstream_seconds = time.perf_counter() - sent
                 exchange.reused = acquisition.reused

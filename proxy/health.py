@@ -12,6 +12,7 @@ import contextlib
 import email.utils
 import logging
 import time
+from typing import Any
 
 import aiohttp
 
@@ -89,9 +90,17 @@ class HealthChecker:
     """Active: GET `path` on every target each `interval`, on connections of its own."""
 
     def __init__(
-        self, upstream: str, targets: tuple[TargetState, ...], settings: config.HealthCheck
+        self,
+        upstream: str,
+        targets: tuple[TargetState, ...],
+        settings: config.HealthCheck,
+        *,
+        ssl: Any = True,
+        server_hostname: str | None = None,
     ) -> None:
         self.upstream = upstream
+        self._ssl = ssl  # the upstream's TLS context: checks verify certificates as requests do
+        self._server_hostname = server_hostname
         self.targets = targets
         self.settings = settings
         self._streak = {id(t): 0 for t in targets}  # > 0: successes in a row; < 0: failures
@@ -101,7 +110,7 @@ class HealthChecker:
     def start(self) -> None:
         self._session = aiohttp.ClientSession(
             # A connection per check, never one of the request pool's slots.
-            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            connector=aiohttp.TCPConnector(force_close=True, limit=0, ssl=self._ssl),
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": "proxy-health-check"},
@@ -127,7 +136,9 @@ class HealthChecker:
         low, high = self.settings.expect_status
         try:
             async with self._session.get(
-                target.url + self.settings.path, allow_redirects=False
+                target.url + self.settings.path,
+                allow_redirects=False,
+                server_hostname=self._server_hostname,
             ) as response:
                 passed = low <= response.status <= high
                 detail = f"status {response.status}"

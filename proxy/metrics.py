@@ -89,6 +89,9 @@ class ProxyMetrics:
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.durations: dict[tuple[str, str], Buckets] = {}
         self.upstreams: dict[str, _Upstream] = {}
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload_success = 0.0  # wall clock of the last config applied (start-up too)
+        self.config_hash = ""
         self.registry = CollectorRegistry()
         self.registry.register(_Exposition(self))
 
@@ -176,6 +179,24 @@ class _Exposition(Collector):
             "Access log lines dropped because the writer fell behind.",
             m.access_log_dropped(),
         )
+        reloads = CounterMetricFamily(
+            "proxy_config_reloads", "Config reloads (SIGHUP, POST /reload), by result.",
+            labels=("result",),
+        )  # fmt: skip
+        for result, count in m.reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
+        yield GaugeMetricFamily(
+            "proxy_config_last_reload_success_timestamp_seconds",
+            "When the config in force was applied (at start-up or by the last good reload).",
+            m.last_reload_success,
+        )
+        config_hash = GaugeMetricFamily(
+            "proxy_config_hash", "Always 1; `hash` identifies the config file in force.",
+            labels=("hash",),
+        )  # fmt: skip
+        config_hash.add_metric([m.config_hash], 1)
+        yield config_hash
         build = GaugeMetricFamily(
             "proxy_build_info",
             "Always 1; the labels say what is running.",

@@ -1,4 +1,4 @@
-"""The composition root: listeners, the snapshot in force, signals, and shutdown.
+"""The composition root: listeners, the snapshot in force, reloads, signals, and shutdown.
 
 Owns the proxy's lifecycle; per-request logic lives in forward.py.
 """
@@ -6,56 +6,74 @@ Owns the proxy's lifecycle; per-request logic lives in forward.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
-from proxy.config import Config
+from proxy.config import Config, ConfigError, load_config
 from proxy.forward import Exchange, Forwarder, Snapshot
 from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
+from proxy.reload import describe_changes
 from proxy.routing import RoutingTable
+from proxy.tls import server_context
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
-
-SHUTDOWN_GRACE = 30.0  # s in-flight requests get to finish after SIGTERM
 
 
 class StartupError(Exception):
     """The proxy could not start (a port in use, say); the message says what to do."""
 
 
-def build_snapshot(config: Config) -> Snapshot:
-    """Routing table and one Upstream (session + pool) per configured upstream."""
-    upstreams = {name: Upstream(name, settings) for name, settings in config.upstreams.items()}
+def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapshot:
+    """The routing table and one Upstream per configured upstream. Upstreams of `keep` whose
+    settings did not change are taken over as they are, with their warm connections."""
+    upstreams = {}
+    for name, settings in config.upstreams.items():
+        current = keep.upstreams.get(name) if keep is not None else None
+        same = current is not None and current.settings == settings
+        upstreams[name] = current if same and current is not None else Upstream(name, settings)
     return Snapshot(routes=RoutingTable(config.routes), upstreams=upstreams)
 
 
+def config_hash(config: Config, path: str | Path | None) -> str:
+    """The first 16 hex digits of the config file's SHA-256 (of the parsed config without one)."""
+    data = Path(path).read_bytes() if path is not None else repr(config).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class ProxyServer:
-    """The data-plane listener and the admin listener around one snapshot."""
+    """The data-plane listener and the admin listener around the snapshot in force."""
 
     def __init__(
         self,
         config: Config,
         *,
-        shutdown_grace: float = SHUTDOWN_GRACE,
+        config_path: str | Path | None = None,
+        shutdown_grace: float | None = None,
         access_log_stream: TextIO | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self.state = "starting"
-        self._shutdown_grace = shutdown_grace
+        self._shutdown_grace = config.shutdown.grace if shutdown_grace is None else shutdown_grace
         self._snapshot: Snapshot | None = None
         self._proxy_server: ProxyHTTPServer | None = None
         self._proxy_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
         self.access_log = (
             AccessLog(access_log_stream or sys.stdout, config.access_log.format)
             if config.access_log.enabled
@@ -68,9 +86,16 @@ class ProxyServer:
             ),
             access_log_dropped=lambda: self.access_log.dropped if self.access_log else 0,
         )
-        self.metrics.prepare(
-            ((route.name, route.upstream) for route in config.routes), config.upstreams
-        )
+        self._prepare_metrics(config)
+
+    def _prepare_metrics(self, config: Config) -> None:
+        self.metrics.prepare(((r.name, r.upstream) for r in config.routes), config.upstreams)
+        self.metrics.config_hash = config_hash(config, self.config_path)
+        self.metrics.last_reload_success = time.time()
+
+    def current(self) -> Snapshot:
+        assert self._snapshot is not None, "ProxyServer.start() was not awaited"
+        return self._snapshot
 
     def _observe(self, exchange: Exchange) -> None:
         """Every request ends here, once: metrics, then the access log."""
@@ -82,25 +107,23 @@ class ProxyServer:
         """A request aiohttp's parser refused (400/431) still counts and is logged."""
         self._observe(Exchange(time.time(), time.perf_counter(), client, "", "", status=status))
 
-    def current(self) -> Snapshot:
-        assert self._snapshot is not None, "ProxyServer.start() was not awaited"
-        return self._snapshot
-
     async def start(self) -> None:
         """Admin first, so /readyz answers 503 while the data plane comes up."""
         config = self.config
         self._admin_runner = web.AppRunner(
-            admin_app(lambda: self.state, self.metrics.registry, self.current), access_log=None
+            admin_app(lambda: self.state, self.metrics.registry, self.current, self.reload),
+            access_log=None,
         )
         await self._admin_runner.setup()
         await _listen(self._admin_runner, config.admin.host, config.admin.port, "admin")
 
+        tls = server_context(config.listen.tls) if config.listen.tls is not None else None
         if self.access_log is not None:
             self.access_log.start()
         self._snapshot = build_snapshot(config)
         self._snapshot.start()
         server = ProxyHTTPServer(
-            Forwarder(self.current, scheme="http", observe=self._observe),
+            Forwarder(self.current, scheme="https" if tls else "http", observe=self._observe),
             # A client that goes away cancels its handler, which cancels the upstream request
             # and frees its pool slot (aiohttp's default is to let the handler run on).
             handler_cancellation=True,
@@ -112,15 +135,56 @@ class ProxyServer:
             server, handle_signals=False, shutdown_timeout=self._shutdown_grace
         )
         await self._proxy_runner.setup()
-        await _listen(self._proxy_runner, config.listen.host, config.listen.port, "listen")
+        await _listen(self._proxy_runner, config.listen.host, config.listen.port, "listen", tls)
         self.state = "serving"
         log.info(
-            "proxy listening on %s, admin on %s: %d upstreams, %d routes",
-            _url(self.proxy_address),
-            _url(self.admin_address),
-            len(config.upstreams),
-            len(config.routes),
-        )
+            "proxy listening on %s://%s:%d, admin on http://%s:%d: %d upstreams, %d routes",
+            "https" if tls else "http", *self.proxy_address, *self.admin_address,
+            len(config.upstreams), len(config.routes),
+        )  # fmt: skip
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file and apply it, or keep the running one if it is invalid.
+
+        Upstreams whose settings did not change keep their sessions and warm connections; the
+        others are replaced, and the replaced ones close once their requests in flight finish
+        (bounded by shutdown.grace). Requests in flight finish on the snapshot they started
+        with: only new requests see the new one. Returns (applied, what happened).
+        """
+        async with self._reload_lock:
+            if self.config_path is None:
+                return False, "no config file to reload"
+            try:
+                new = load_config(self.config_path)
+                snapshot = build_snapshot(new, keep=self._snapshot)
+            except ConfigError as exc:
+                self.metrics.reloads["failure"] += 1
+                log.error("reload rejected, still serving the previous config: %s", exc)
+                return False, str(exc)
+            old = self.current()
+            for name, upstream in snapshot.upstreams.items():
+                if old.upstreams.get(name) is not upstream:
+                    upstream.start()
+            self._snapshot = snapshot  # the swap: new requests see the new table from here
+            for name, upstream in old.upstreams.items():
+                if snapshot.upstreams.get(name) is not upstream:
+                    task = asyncio.create_task(self._retire(upstream))
+                    self._retiring.add(task)
+                    task.add_done_callback(self._retiring.discard)
+            changes = describe_changes(self.config, new)
+            self.config = new
+            self.metrics.reloads["success"] += 1
+            self._prepare_metrics(new)
+            log.info("config reloaded: %s", "; ".join(changes))
+            return True, "; ".join(changes)
+
+    async def _retire(self, upstream: Upstream) -> None:
+        """Close a replaced upstream once its requests in flight are done (or time is up)."""
+        upstream.drained = asyncio.Event()
+        if upstream.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(upstream.drained.wait(), self._shutdown_grace)
+        await upstream.aclose()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close every pool."""
@@ -129,6 +193,8 @@ class ProxyServer:
             # Closes the listening socket and idle keep-alive connections, waits up to
             # shutdown_timeout for handlers in progress, then cancels what is left.
             await self._proxy_runner.cleanup()
+        if self._retiring:
+            await asyncio.gather(*self._retiring)
         if self._snapshot is not None:
             await self._snapshot.aclose()
         if self._admin_runner is not None:
@@ -149,9 +215,11 @@ class ProxyServer:
         return host, port
 
 
-async def _listen(runner: web.BaseRunner, host: str, port: int, key: str) -> None:
+async def _listen(
+    runner: web.BaseRunner, host: str, port: int, key: str, tls: object = None
+) -> None:
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=tls).start()  # type: ignore[arg-type]
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(
@@ -160,13 +228,13 @@ async def _listen(runner: web.BaseRunner, host: str, port: int, key: str) -> Non
         ) from None
 
 
-def _url(address: tuple[str, int]) -> str:
-    return f"http://{address[0]}:{address[1]}"
+async def serve(config: Config, config_path: str | Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the config file.
 
-
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop. A second signal exits at once."""
-    server = ProxyServer(config)
+    Drain: /readyz turns 503 at once; after shutdown.delay the listener closes; requests in
+    flight get shutdown.grace to finish; pools close last. A second signal exits at once.
+    """
+    server = ProxyServer(config, config_path=config_path)
     try:
         await server.start()
     except BaseException:
@@ -174,20 +242,31 @@ async def serve(config: Config) -> None:
         raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[tuple[bool, str]]] = set()
 
-    def on_signal(signum: int) -> None:
+    def on_stop_signal(signum: int) -> None:
         if stopping.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(1)
+        server.state = "draining"  # /readyz: 503 from now on
         log.info(
-            "%s: draining (up to %.0f s), then exiting", signal.Signals(signum).name, SHUTDOWN_GRACE
-        )
+            "%s: draining (listener closes in %.0f s; requests get %.0f s), then exiting",
+            signal.Signals(signum).name, config.shutdown.delay, config.shutdown.grace,
+        )  # fmt: skip
         stopping.set()
 
+    def on_reload_signal() -> None:
+        task = asyncio.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     try:
         await stopping.wait()
+        # Load balancers keep sending until they notice /readyz: keep serving meanwhile.
+        await asyncio.sleep(config.shutdown.delay)
     finally:
         await server.stop()
         log.info("stopped")

@@ -7,6 +7,7 @@ The only module that touches aiohttp's private connector state, all of it in `Po
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -23,6 +24,7 @@ from aiohttp.client_proto import ResponseHandler
 from proxy import config
 from proxy.balancing import Balancer, TargetState
 from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
+from proxy.tls import client_context
 
 log = logging.getLogger("proxy")
 
@@ -160,11 +162,7 @@ class Upstream:
         self.targets = tuple(TargetState(t.url, t.weight) for t in settings.targets)
         self.balancer = Balancer(self.targets, settings.balance)
         self.outlier = Outlier(name, settings.outlier)
-        self.health = (
-            HealthChecker(name, self.targets, settings.health_check)
-            if settings.health_check is not None
-            else None
-        )
+        self.health: HealthChecker | None = None  # made in start(), with the TLS context
         self.in_flight = 0  # requests being forwarded now (kept by forward.py)
         self.requests = 0  # requests forwarded since start
         self.retries_in_flight = 0  # attempts after the first, being made now
@@ -172,9 +170,15 @@ class Upstream:
         self.stale = 0  # reused connections found closed, and recovered from by a retry
         self.pending_rejected = 0  # requests refused at once because max_pending were waiting
         self.panicking = False
+        self.drained: asyncio.Event | None = None  # set when a retiring upstream is idle
         pool = settings.pool
         https = any(t.url.startswith("https://") for t in self.targets)
+        # Verify https targets (system CAs, or tls.ca_file); SNI and the expected certificate
+        # name are the target's host unless tls.server_name says otherwise.
+        self.ssl: Any = client_context(settings.tls, f"upstreams.{name}.tls") if https else True
+        self.server_hostname = settings.tls.server_name
         self.connector = PoolConnector(
+            ssl=self.ssl,
             max_pending=settings.max_pending,
             limit=pool.limit,
             limit_per_host=pool.limit_per_host,
@@ -204,7 +208,11 @@ class Upstream:
         self.session._retry_connection = False
 
     def start(self) -> None:
-        if self.health is not None:
+        if self.settings.health_check is not None:
+            self.health = HealthChecker(
+                self.name, self.targets, self.settings.health_check,
+                ssl=self.ssl, server_hostname=self.server_hostname,
+            )  # fmt: skip
             self.health.start()
 
     def pick(self, exclude: Sequence[TargetState] = ()) -> TargetState:

@@ -1,0 +1,63 @@
+"""What a reload changes: the routes and upstreams added, removed and changed between two
+configs, key by key, and the settings that only a restart applies.
+
+Pure functions over `Config`; `--check --diff` prints them, `ProxyServer.reload()` logs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from proxy.config import Config, show
+
+# Top-level keys a running proxy cannot apply (its listeners, threads and processes exist).
+RESTART_KEYS = ("listen", "admin", "access_log", "shutdown", "workers")
+
+
+def _differences(old: Any, new: Any, path: str) -> list[str]:
+    if dataclasses.is_dataclass(old) and type(old) is type(new):
+        found = []
+        for field in dataclasses.fields(old):
+            child = f"{path}.{field.name}" if path else field.name
+            found += _differences(getattr(old, field.name), getattr(new, field.name), child)
+        return found
+    if old == new:
+        return []
+    return [f"{path} {_show(old)} -> {_show(new)}"]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value):
+        inner = ", ".join(f"{f.name}: {_show(getattr(value, f.name))}"
+                          for f in dataclasses.fields(value))  # fmt: skip
+        return "{" + inner + "}"
+    return show(value)
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    """One line per change, e.g. "upstream api changed: pool.limit 100 -> 200"."""
+    lines = []
+    for kind, old_items, new_items in (
+        ("upstream", dict(old.upstreams), dict(new.upstreams)),
+        ("route", {r.name: r for r in old.routes}, {r.name: r for r in new.routes}),
+    ):
+        for name in new_items.keys() - old_items.keys():
+            lines.append(f"{kind} {name} added")
+        for name in old_items.keys() - new_items.keys():
+            lines.append(f"{kind} {name} removed")
+        for name in old_items.keys() & new_items.keys():
+            changed = _differences(old_items[name], new_items[name], "")
+            if changed:
+                lines.append(f"{kind} {name} changed: " + "; ".join(changed))
+    if [r.name for r in old.routes] != [r.name for r in new.routes] and not any(
+        line.startswith("route ") and (" added" in line or " removed" in line) for line in lines
+    ):
+        lines.append("routes reordered: " + ", ".join(r.name for r in new.routes))
+    for key in RESTART_KEYS:
+        changed = _differences(getattr(old, key), getattr(new, key), key)
+        if changed:
+            lines.append(f"{key} changed (applied at the next restart): " + "; ".join(changed))
+    return sorted(lines, key=lambda line: (line.split(" ")[0], line)) or ["no changes"]
