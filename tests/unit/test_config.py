@@ -141,7 +141,8 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
         (
             "listn",
             {},
-            "config: unknown key 'listn' (known: upstreams, routes, listen, admin, access_log, shutdown, workers)",
+            "config: unknown key 'listn' "
+            "(known: upstreams, routes, listen, admin, access_log, shutdown, workers)",
         ),
         ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
         (
