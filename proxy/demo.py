@@ -93,7 +93,16 @@ async def run_demo(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy.demo", description=__doc__)
     parser.add_argument("--config", default="config.yaml", metavar="FILE")
+    parser.add_argument(
+        "--backend", type=int, metavar="PORT",
+        help="serve only one echo backend, on 0.0.0.0:PORT (deploy/docker-compose.yml uses it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.backend is not None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        web.run_app(echo_app(f"backend:{args.backend}"), host="0.0.0.0", port=args.backend,
+                    access_log=None, print=None)  # fmt: skip
+        return 0
     try:
         config = load_config(args.config)
     except ConfigError as exc:
