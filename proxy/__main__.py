@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
     from proxy.server import StartupError, serve  # aiohttp is imported only to serve
+    from proxy.workers import supervise
 
     try:
+        if config.workers != 1:
+            return supervise(config, args.config)
         asyncio.run(serve(config, args.config))
     except StartupError as exc:
         print(f"proxy: {exc}", file=sys.stderr)

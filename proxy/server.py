@@ -63,8 +63,14 @@ class ProxyServer:
         config_path: str | Path | None = None,
         shutdown_grace: float | None = None,
         access_log_stream: TextIO | None = None,
+        admin_socket: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        # As a worker (workers.py): the admin app on a private Unix socket for the supervisor,
+        # and the client port shared with the other workers (SO_REUSEPORT).
+        self._admin_socket = admin_socket
+        self._reuse_port = reuse_port
         self.config_path = config_path
         self.state = "starting"
         self._shutdown_grace = config.shutdown.grace if shutdown_grace is None else shutdown_grace
@@ -115,7 +121,10 @@ class ProxyServer:
             access_log=None,
         )
         await self._admin_runner.setup()
-        await _listen(self._admin_runner, config.admin.host, config.admin.port, "admin")
+        if self._admin_socket is not None:
+            await web.UnixSite(self._admin_runner, self._admin_socket).start()
+        else:
+            await _listen(self._admin_runner, config.admin.host, config.admin.port, "admin")
 
         tls = server_context(config.listen.tls) if config.listen.tls is not None else None
         if self.access_log is not None:
@@ -135,11 +144,15 @@ class ProxyServer:
             server, handle_signals=False, shutdown_timeout=self._shutdown_grace
         )
         await self._proxy_runner.setup()
-        await _listen(self._proxy_runner, config.listen.host, config.listen.port, "listen", tls)
+        await _listen(
+            self._proxy_runner, config.listen.host, config.listen.port, "listen", tls,
+            reuse_port=self._reuse_port,
+        )  # fmt: skip
         self.state = "serving"
         log.info(
-            "proxy listening on %s://%s:%d, admin on http://%s:%d: %d upstreams, %d routes",
-            "https" if tls else "http", *self.proxy_address, *self.admin_address,
+            "proxy listening on %s://%s:%d, admin on %s: %d upstreams, %d routes",
+            "https" if tls else "http", *self.proxy_address,
+            self._admin_socket or "http://{}:{}".format(*self.admin_address),
             len(config.upstreams), len(config.routes),
         )  # fmt: skip
 
@@ -216,10 +229,17 @@ class ProxyServer:
 
 
 async def _listen(
-    runner: web.BaseRunner, host: str, port: int, key: str, tls: object = None
+    runner: web.BaseRunner,
+    host: str,
+    port: int,
+    key: str,
+    tls: object = None,
+    *,
+    reuse_port: bool = False,
 ) -> None:
     try:
-        await web.TCPSite(runner, host, port, ssl_context=tls).start()  # type: ignore[arg-type]
+        site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_port=reuse_port or None)  # type: ignore[arg-type]
+        await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(
@@ -228,13 +248,21 @@ async def _listen(
         ) from None
 
 
-async def serve(config: Config, config_path: str | Path | None = None) -> None:
+async def serve(
+    config: Config,
+    config_path: str | Path | None = None,
+    *,
+    admin_socket: str | None = None,
+    reuse_port: bool = False,
+) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the config file.
 
     Drain: /readyz turns 503 at once; after shutdown.delay the listener closes; requests in
     flight get shutdown.grace to finish; pools close last. A second signal exits at once.
     """
-    server = ProxyServer(config, config_path=config_path)
+    server = ProxyServer(
+        config, config_path=config_path, admin_socket=admin_socket, reuse_port=reuse_port
+    )
     try:
         await server.start()
     except BaseException:

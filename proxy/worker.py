@@ -1,0 +1,38 @@
+"""`python -m proxy.worker --config FILE --admin-socket PATH`: one worker process, started by the
+supervisor in workers.py (not a command for users). It serves the client port shared with the
+other workers (SO_REUSEPORT) and its admin app on PATH, for the supervisor only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from proxy.config import ConfigError, load_config
+from proxy.server import StartupError, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--admin-socket", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+        asyncio.run(serve(config, args.config, admin_socket=args.admin_socket, reuse_port=True))
+    except (ConfigError, StartupError) as exc:
+        print(f"proxy worker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
