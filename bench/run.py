@@ -66,6 +66,8 @@ PROXY_VARIANTS = {
     "baseline": (["-m", "proxy"], ""),
     # Two targets balanced by least_requests (TARGETS is replaced by both backend ports).
     "proxy-2lr": (["-m", "proxy"], "TWO-TARGETS"),
+    # Two worker processes on both cores (not pinned); CPU counts the supervisor and workers.
+    "proxy-2w": (["-m", "proxy"], "workers: 2\n"),
 }
 
 
@@ -194,6 +196,11 @@ def backend_accepts(status_port: int) -> int:
     return int(text.splitlines()[2].split()[0])  # "server accepts handled requests" counts
 
 
+def descendants(pid: int) -> list[int]:
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [p for child in children for p in (child, *descendants(child))]
+
+
 def nginx_worker_pids(master_pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(master_pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
@@ -300,7 +307,15 @@ class Bench:
         config = self.root / f"{name}.yaml"
         config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, extra))
         proxy = subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, sys.executable, *launcher, "--config", str(config)],
+            [
+                "taskset",
+                "-c",
+                "0,1" if name == "proxy-2w" else PROXY_CORE,
+                sys.executable,
+                *launcher,
+                "--config",
+                str(config),
+            ],
             cwd=source,
             stdout=subprocess.DEVNULL,  # the access log
             stderr=subprocess.DEVNULL,
@@ -326,6 +341,8 @@ class Bench:
 
     def measure(self, target: str, path: str, clients: int, duration: float) -> Run:
         pids = self.targets[target][1]
+        if target == "proxy-2w":
+            pids = [*pids, *descendants(pids[0])]  # the workers, however often restarted
         cpu_before = sum(cpu_seconds(p) for p in pids)
         accepts_before = backend_accepts(self.ports.backend_status)
         rps, p50, p99, requests, errors = wrk(self.url(target, path), clients, duration)
