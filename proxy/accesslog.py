@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TextIO
 
-from proxy.forward import Exchange
+from proxy.exchange import Exchange
 
 MAX_PENDING = 65536  # lines waiting for the writer; past this, lines are dropped and counted
 BATCH_DELAY = 0.05  # s the writer waits after a first line, so it wakes ~20 times/s under load

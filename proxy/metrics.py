@@ -25,7 +25,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.forward import Exchange, Snapshot
+from proxy.exchange import Exchange
+from proxy.forward import Snapshot
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}

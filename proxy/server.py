@@ -21,7 +21,8 @@ from aiohttp import web
 from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
 from proxy.config import Config, ConfigError, load_config
-from proxy.forward import Exchange, Forwarder, Snapshot
+from proxy.exchange import Exchange
+from proxy.forward import Forwarder, Snapshot
 from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.reload import describe_changes

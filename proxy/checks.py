@@ -1,0 +1,228 @@
+"""The building blocks of config validation: checks that turn a YAML value into a typed one or
+raise ConfigError naming the key path, and the generic reader of a section into a dataclass.
+
+Knows nothing of the proxy's keys: proxy/config.py declares them with these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Check = Callable[[Any, str], Any]
+
+
+class ConfigError(Exception):
+    """One problem, as `<key path>: <what is required>, got <value>`."""
+
+
+# --- checks: each takes (value, key path) and returns the parsed value or raises ConfigError ---
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "[]" if not value else "a list"
+    return str(value)
+
+
+def fail(path: str, required: str, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: {required}, got {show(value)}")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def positive_int(value: Any, path: str) -> int:
+    if not is_int(value) or value < 1:
+        raise fail(path, "must be an integer >= 1", value)
+    return int(value)
+
+
+def fraction(value: Any, path: str) -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise fail(path, "must be a number from 0 to 1", value)
+    return float(value)
+
+
+def status_range(value: Any, path: str) -> tuple[int, int]:
+    """ "200-399" or "200" (a YAML integer too): the inclusive range of healthy statuses."""
+    required = "must be a status or a range of statuses like 200-399"
+    text = str(value) if is_int(value) else value
+    if not isinstance(text, str):
+        raise fail(path, required, value)
+    low, _, high = text.partition("-")
+    try:
+        first, last = int(low), int(high or low)
+    except ValueError:
+        raise fail(path, required, value) from None
+    if not 100 <= first <= last <= 599:
+        raise fail(path, required, value)
+    return first, last
+
+
+def non_negative_int(value: Any, path: str) -> int:
+    if not is_int(value) or value < 0:
+        raise fail(path, "must be an integer >= 0", value)
+    return int(value)
+
+
+def port(value: Any, path: str) -> int:
+    if not is_int(value) or not 0 <= value <= 65535:
+        raise fail(path, "must be an integer from 0 to 65535", value)
+    return int(value)
+
+
+def non_negative_seconds(value: Any, path: str) -> float:
+    if not _is_number(value) or value < 0:
+        raise fail(path, "must be a number of seconds >= 0", value)
+    return float(value)
+
+
+def positive_seconds(value: Any, path: str) -> float:
+    if not _is_number(value) or value <= 0:
+        raise fail(path, "must be a number of seconds > 0", value)
+    return float(value)
+
+
+def boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise fail(path, "must be true or false", value)
+    return value
+
+
+def text(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise fail(path, "must be a non-empty string", value)
+    return value
+
+
+def host_name(value: Any, path: str) -> str:
+    """A Host header to match: compared case-insensitively and without its port."""
+    if not isinstance(value, str) or not value or any(c in value for c in " /:"):
+        raise fail(path, "must be a host name without port or scheme", value)
+    return value.lower()
+
+
+def path_prefix(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise fail(path, "must be a string starting with '/'", value)
+    return value
+
+
+def target_url(value: Any, path: str) -> str:
+    """An upstream target: scheme, host and port only; requests keep their own path."""
+    required = (
+        "must be an http:// or https:// URL with a host and no path, like http://10.0.0.5:9001"
+    )
+    if not isinstance(value, str):
+        raise fail(path, required, value)
+    try:
+        url = urllib.parse.urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise fail(path, required, value) from None
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise fail(path, required, value)
+    if url.query or url.fragment or url.username or url.password:
+        raise fail(path, required, value)
+    return f"{url.scheme}://{url.netloc}"
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any, path: str) -> str:
+        if value not in choices:
+            raise fail(path, "must be one of " + ", ".join(choices), value)
+        return str(value)
+
+    return check
+
+
+def optional_section(cls: type[T]) -> Check:
+    """A section that is off when absent, and all defaults when present but empty."""
+
+    def check(value: Any, path: str) -> T:
+        return parse_section(cls, {} if value is None else value, path)
+
+    return check
+
+
+def list_of(item: Check) -> Check:
+    def check(value: Any, path: str) -> tuple[Any, ...]:
+        if not isinstance(value, list) or not value:
+            raise fail(path, "must be a non-empty list", value)
+        return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+    return check
+
+
+def mapping_of(item: Check) -> Check:
+    def check(value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict) or not value:
+            raise fail(path, "must be a non-empty mapping of names", value)
+        parsed = {}
+        for name, v in value.items():
+            if not isinstance(name, str) or not name:
+                raise fail(path, "names must be non-empty strings", name)
+            parsed[name] = item(v, f"{path}.{name}")
+        return parsed
+
+    return check
+
+
+def section(cls: type[T]) -> Check:
+    """Parse a mapping into dataclass `cls`, whose fields carry their own checks."""
+
+    def check(value: Any, path: str) -> T:
+        return parse_section(cls, value, path)
+
+    return check
+
+
+def key(check: Check, default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is a YAML key: its check, and its default if it is optional."""
+    metadata = {"check": check}
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def parse_section(cls: type[T], value: Any, path: str) -> T:
+    """Check each key in file order, so the first error reported is the first in the file."""
+    where = path or "config"
+    if value is None and path:
+        value = {}  # `admin:` with nothing under it means "all defaults"
+    if not isinstance(value, dict):
+        raise fail(where, "must be a mapping", value)
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    parsed: dict[str, Any] = {}
+    for name, raw in value.items():
+        child = f"{path}.{name}" if path else str(name)
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {show(name)} (known: {', '.join(known)})")
+        parsed[name] = known[name].metadata["check"](raw, child)
+    for name, f in known.items():
+        optional = (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        if name not in parsed and not optional:
+            raise ConfigError(f"{where}: missing required key '{name}'")
+    return cls(**parsed)

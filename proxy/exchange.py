@@ -1,0 +1,29 @@
+"""`Exchange`: one request as the proxy handled it. The hot path fills it in; metrics and the
+access log read it once it is finished. Knows nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request as the proxy handled it, filled in as it goes and observed once at the end
+    (metrics and the access log read it; this module knows neither)."""
+
+    time: float  # wall clock at arrival, for the log
+    started: float  # perf_counter at arrival
+    client: str | None
+    method: str
+    target: str  # the raw request-target as received
+    route: str = ""  # "" when no route matched
+    upstream: str = ""
+    upstream_target: str = ""
+    status: int = 0  # what the client got; 499 when it went away first
+    bytes_sent: int = 0  # response body bytes
+    duration: float = 0.0
+    upstream_seconds: float | None = None  # to the upstream's response headers
+    pool_wait: float = 0.0  # seconds spent waiting for a pool slot
+    error: str | None = None  # the `kind` of proxy_upstream_errors_total
+    reused: bool | None = None  # whether the upstream connection had served a request before
