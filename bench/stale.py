@@ -88,7 +88,9 @@ async def run_proxy(source: Path, target: str, root: Path) -> tuple[subprocess.P
                     if response.status == 200:
                         return proc, port
             await asyncio.sleep(0.05)
-    raise SystemExit("stale: the proxy did not start")
+    proc.kill()  # never leave a proxy behind
+    proc.wait()
+    raise SystemExit(f"stale: the proxy from {source} did not become ready on {admin}")
 
 
 async def measure(port: int, n: int, pace: bool) -> dict[str, int]:
