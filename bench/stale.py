@@ -28,41 +28,15 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support import (  # noqa: E402 - the test suite's raw backend, reused
+from tests.support import (  # noqa: E402 - the test suite's raw backends, reused
     RawBackend,
+    closes_idle_after,
+    closes_on_reuse,
     free_port,
     http_response,
-    read_head,
-    read_request,
 )
 
 OK = http_response(body=b"ok")
-
-
-def closes_idle_after(seconds: float):  # type: ignore[no-untyped-def]
-    async def handler(backend, reader, writer):  # type: ignore[no-untyped-def]
-        while True:
-            try:
-                request = await asyncio.wait_for(read_request(reader), seconds)
-            except TimeoutError:
-                return
-            if request is None:
-                return
-            backend.record(request)
-            writer.write(OK)
-            await writer.drain()
-
-    return handler
-
-
-async def closes_on_reuse(backend, reader, writer):  # type: ignore[no-untyped-def]
-    request = await read_request(reader)
-    if request is None:
-        return
-    backend.record(request)
-    writer.write(OK)
-    await writer.drain()
-    await read_head(reader)
 
 
 async def run_proxy(source: Path, target: str, root: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -159,8 +133,8 @@ async def main() -> int:
         rows = []
         try:
             for fault, handler, pace in (
-                ("closes idle after 0.2 s", closes_idle_after(0.2), True),
-                ("closes on reuse", closes_on_reuse, False),
+                ("closes idle after 0.2 s", closes_idle_after(0.2, OK), True),
+                ("closes on reuse", closes_on_reuse(OK), False),
             ):
                 for name, source in sources:
                     print(f"{name}: backend {fault}...", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,6 +192,82 @@ def answering(response: bytes | Callable[[RawRequest], bytes], *, delay: float =
             await writer.drain()
 
     return handler
+
+
+def held_until(release: asyncio.Event, response: bytes) -> Handler:
+    """A keep-alive backend that holds every request until `release` is set."""
+
+    async def handler(
+        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (request := await read_request(reader)) is not None:
+            backend.record(request)
+            await release.wait()
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+async def never_answers(
+    backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Takes one request and answers nothing for a minute."""
+    request = await read_request(reader)
+    if request is not None:
+        backend.record(request)
+    await asyncio.sleep(60)
+
+
+def closes_idle_after(seconds: float, response: bytes) -> Handler:
+    """Keeps a connection open for `seconds` of idleness, then closes it without a word."""
+
+    async def handler(
+        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                request = await asyncio.wait_for(read_request(reader), seconds)
+            except TimeoutError:
+                return  # RawBackend closes the connection
+            if request is None:
+                return
+            backend.record(request)
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+def closes_on_reuse(response: bytes) -> Handler:
+    """Answers the first request of a connection; hangs up when a second one arrives."""
+
+    async def handler(
+        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        request = await read_request(reader)
+        if request is None:
+            return
+        backend.record(request)
+        writer.write(response)
+        await writer.drain()
+        await read_head(reader)
+
+    return handler
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of command `name`; a skip where it is missing, but a failure under CI=true,
+    where .ci/run installs it (a skip there would hide a broken install step)."""
+    import pytest
+
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        message = f"{name} is not installed ({install})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 def config_dict(

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
 from tests.support import (
@@ -29,6 +26,7 @@ from tests.support import (
     free_port,
     get,
     http_response,
+    require_tool,
     upstream,
 )
 
@@ -38,13 +36,7 @@ DASHBOARD = DEPLOY / "grafana" / "proxy-dashboard.json"
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian: apt-get install -y prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tool(name, "Debian: apt-get install -y prometheus")
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -9,25 +9,18 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support import REPO, run_cli
+from tests.support import REPO, require_tool, run_cli
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 
 
 def tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found is None:
-        message = f"{name} is not installed (pip install -e '.[test]')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require_tool(name, "pip install -e '.[test]'")
 
 
 def test_dockerfile_passes_hadolint():

@@ -21,6 +21,7 @@ from tests.support import (
     exchange,
     free_port,
     get,
+    held_until,
     http_response,
     read_request,
     upstream,
@@ -131,15 +132,7 @@ async def test_exact_counts_after_a_known_set_of_requests(backend, proxy):
 
 async def test_pool_gauges_show_active_waiting_and_idle_connections_live(backend, proxy):
     release = asyncio.Event()
-
-    async def held(backend, reader, writer):
-        while (request := await read_request(reader)) is not None:
-            backend.record(request)
-            await release.wait()
-            writer.write(OK)
-            await writer.drain()
-
-    origin = await backend(held)
+    origin = await backend(held_until(release, OK))
     server = await proxy(config_dict({"app": upstream(origin.url, pool={"limit": 2})}))
     port = server.proxy_address[1]
     tasks = [

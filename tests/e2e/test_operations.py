@@ -17,6 +17,7 @@ from tests.support import (
     eventually,
     free_port,
     http_response,
+    never_answers,
     read_request,
     run_cli,
     upstream,
@@ -285,11 +286,7 @@ async def test_sigterm_drains_with_delay_then_grace_and_exits_0(backend, running
 
 
 async def test_grace_bounds_the_drain(backend, running):
-    async def never(backend, reader, writer):
-        backend.record(await read_request(reader))
-        await asyncio.sleep(60)
-
-    origin = await backend(never)
+    origin = await backend(never_answers)
     proxy = running(
         {"app": upstream(origin.url, timeouts={"read": 60})},
         routes(("app", "/")),
@@ -308,11 +305,7 @@ async def test_grace_bounds_the_drain(backend, running):
 
 
 async def test_a_second_signal_exits_at_once(backend, running):
-    async def never(backend, reader, writer):
-        backend.record(await read_request(reader))
-        await asyncio.sleep(60)
-
-    origin = await backend(never)
+    origin = await backend(never_answers)
     proxy = running(
         {"app": upstream(origin.url, timeouts={"read": 60})},
         routes(("app", "/")),

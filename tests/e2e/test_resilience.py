@@ -15,13 +15,15 @@ from tests.support import (
     RawClient,
     admin_get,
     answering,
+    closes_idle_after,
+    closes_on_reuse,
     config_dict,
     eventually,
     exchange,
     free_port,
     get,
+    held_until,
     http_response,
-    read_head,
     read_request,
     upstream,
 )
@@ -54,39 +56,10 @@ async def fetch(port: int, count: int, *, concurrency: int = 1, path: str = "/")
 # --- the stale keep-alive race ---
 
 
-def closes_idle_after(seconds: float):
-    """Keeps a connection open for `seconds` of idleness, then closes it without a word."""
-
-    async def handler(backend, reader, writer):
-        while True:
-            try:
-                request = await asyncio.wait_for(read_request(reader), seconds)
-            except TimeoutError:
-                return  # RawBackend closes the connection
-            if request is None:
-                return
-            backend.record(request)
-            writer.write(OK)
-            await writer.drain()
-
-    return handler
-
-
-async def closes_on_reuse(backend, reader, writer):
-    """Answers the first request of a connection; closes it when a second one arrives."""
-    request = await read_request(reader)
-    if request is None:
-        return
-    backend.record(request)
-    writer.write(OK)
-    await writer.drain()
-    await read_head(reader)  # a request on the reused connection: hang up on it
-
-
 @pytest.mark.parametrize("fault", ["closes_idle_after_0.2s", "closes_on_reuse"])
 async def test_stale_keepalive_never_reaches_a_client(backend, proxy, fault):
     origin = await backend(
-        closes_idle_after(0.2) if fault != "closes_on_reuse" else closes_on_reuse
+        closes_idle_after(0.2, OK) if fault != "closes_on_reuse" else closes_on_reuse(OK)
     )
     server = await proxy(config_dict({"app": upstream(origin.url)}))
     port = server.proxy_address[1]
@@ -108,7 +81,7 @@ async def test_stale_keepalive_never_reaches_a_client(backend, proxy, fault):
 
 
 async def test_post_on_a_stale_connection_gets_502_and_is_never_replayed(backend, proxy):
-    origin = await backend(closes_on_reuse)
+    origin = await backend(closes_on_reuse(OK))
     server = await proxy(config_dict({"app": upstream(origin.url)}))
     client = await RawClient.connect(server.proxy_address[1])
     try:
@@ -221,15 +194,7 @@ async def test_weights_are_observed(backend, proxy, balance):
 
 async def test_least_requests_prefers_the_target_with_fewer_in_flight(backend, proxy):
     release = asyncio.Event()
-
-    async def held(backend, reader, writer):
-        while (request := await read_request(reader)) is not None:
-            backend.record(request)
-            await release.wait()
-            writer.write(OK)
-            await writer.drain()
-
-    slow = await backend(held)
+    slow = await backend(held_until(release, OK))
     fast = await backend(answering(named("fast")))
     server = await proxy(
         config_dict({"app": {"targets": [slow.url, fast.url], "balance": "least_requests"}})
@@ -343,15 +308,7 @@ async def test_retry_after_rests_the_target(backend, proxy):
 
 async def test_max_pending_rejects_at_once_with_503_and_retry_after(backend, proxy):
     release = asyncio.Event()
-
-    async def held(backend, reader, writer):
-        while (request := await read_request(reader)) is not None:
-            backend.record(request)
-            await release.wait()
-            writer.write(OK)
-            await writer.drain()
-
-    origin = await backend(held)
+    origin = await backend(held_until(release, OK))
     server = await proxy(
         config_dict(
             {
