@@ -66,6 +66,17 @@ def origin_form(raw_target: str) -> tuple[str | None, str] | None:
 Observer = Callable[[Exchange], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """An attempt that failed before any response header: what _forward decides a retry on."""
+
+    failure: Failure
+    phase: str  # "connect", "before_response", or "" when it must not be retried
+    reused: bool | None  # whether the connection had served a request before
+    exc: BaseException
+    url: URL
+
+
 class Forwarder:
     """The data-plane request handler."""
 
@@ -159,8 +170,8 @@ class Forwarder:
                 upstream.retries_in_flight -= retry
             if isinstance(outcome, web.StreamResponse):
                 return outcome
-            failure, phase, reused = outcome
-            reason = retry_reason(phase, request.method, body is not None, reused)
+            failure = outcome.failure
+            reason = retry_reason(outcome.phase, request.method, body is not None, outcome.reused)
             if (
                 reason is None
                 or len(tried) >= upstream.settings.retries.attempts
@@ -171,13 +182,14 @@ class Forwarder:
                     upstream.settings.retries.budget,
                 )
             ):
+                _log_failure(request, outcome.url, upstream, failure, outcome.exc, "")
                 exchange.error = failure.kind
                 return _answer(exchange, failure.status, failure.detail)
             upstream.retries[reason] = upstream.retries.get(reason, 0) + 1
             upstream.stale += reason == "stale"
             fresh_only = reason == "stale"
-            log.info("%s %s: retrying on another target after %s (%s)", request.method,
-                     exchange.target, failure.detail, reason)  # fmt: skip
+            log.info("%s %s -> upstream %s: %s (%r); retrying (%s)", request.method, outcome.url,
+                     upstream.name, failure.detail, outcome.exc, reason)  # fmt: skip
 
     async def _attempt(
         self,
@@ -189,9 +201,9 @@ class Forwarder:
         path: str,
         body: aiohttp.StreamReader | None,
         fresh_only: bool,
-    ) -> web.StreamResponse | tuple[Failure, str, bool | None]:
+    ) -> web.StreamResponse | Attempted:
         """One try on one target: the response, or a failure from before any response header
-        with its phase ("connect", "before_response" or "" when not retryable)."""
+        (which _forward may retry)."""
         exchange.upstream_target = target.url
         # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
         url = URL(target.url + path, encoded=True)
@@ -199,6 +211,7 @@ class Forwarder:
         ACQUISITION.set(acquisition)
         target.in_flight += 1
         sent = time.perf_counter()
+        response: ForwardedResponse | None = None
         try:
             async with upstream.session.request(
                 request.method,
@@ -222,14 +235,14 @@ class Forwarder:
                 except ConnectionError:  # the client went away while we waited
                     return _failed(exchange, CLIENT_ABORT, response)
                 except ValueError as exc:
-                    _log_failure(request, url, upstream, UNFORWARDABLE, exc)
+                    _log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
                     exchange.error = UNFORWARDABLE.kind
                     return _answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
                 failure = await _copy_body(request, upstream_response.content, response, exchange)
                 if failure is not None:
                     if failure is not CLIENT_ABORT:
                         upstream.failed(target)
-                        _log_failure(request, url, upstream, failure, None, after_headers=True)
+                        _log_failure(request, url, upstream, failure, None, _AFTER_HEADERS)
                     _abort(request, response)
                     return _failed(exchange, failure, response)
                 await response.write_eof()
@@ -238,13 +251,21 @@ class Forwarder:
             upstream.pending_rejected += 1
             return _answer(exchange, 503, "too many requests wait for this upstream", busy=True)
         except UPSTREAM_ERRORS as exc:
+            if response is not None and response.prepared:
+                # After the headers nothing is retried, and a connection error here is the
+                # client's (aiohttp's ClientConnectionResetError is a ClientError too).
+                client_gone = isinstance(exc, ConnectionError)
+                failure = CLIENT_ABORT if client_gone else classify(exc)
+                if not client_gone:
+                    upstream.failed(target)
+                    _log_failure(request, url, upstream, failure, exc, _AFTER_HEADERS)
+                _abort(request, response)
+                return _failed(exchange, failure, response)
             if acquisition.queued:  # the connect timeout ran out while waiting for a slot
                 exchange.error = "timeout"
                 return _answer(exchange, 503, "no upstream connection free in time", busy=True)
-            failure = classify(exc)
-            _log_failure(request, url, upstream, failure, exc)
             upstream.failed(target)
-            return failure, phase(exc), acquisition.reused
+            return Attempted(classify(exc), phase(exc), acquisition.reused, exc, url)
         finally:
             target.in_flight -= 1
             exchange.pool_wait += acquisition.waited
@@ -271,16 +292,17 @@ def _failed(
     return response
 
 
+_AFTER_HEADERS = "after the response headers (client connection aborted) "
+
+
 def _log_failure(
     request: web.BaseRequest,
     url: URL,
     upstream: Upstream,
     failure: Failure,
     exc: BaseException | None,
-    *,
-    after_headers: bool = False,
+    when: str,
 ) -> None:
-    when = "after the response headers (client connection aborted)" if after_headers else ""
     log.warning(
         "%s %s -> upstream %s: %s %s(%r)",
         request.method,

@@ -363,3 +363,20 @@ async def test_no_pool_slot_leaks_after_100_aborted_requests(backend, proxy):
     assert answer.startswith(b"HTTP/1.1 200 ")
     with contextlib.suppress(Exception):
         await server.stop()
+
+
+async def test_nothing_is_retried_after_the_response_headers_reached_the_client(backend, proxy):
+    async def dies_mid_body(backend, reader, writer):
+        backend.record(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
+    broken = await backend(dies_mid_body)
+    spare = await backend(answering(named("spare")))
+    server = await proxy(config_dict({"app": upstream(broken.url, spare.url)}))
+    received = await exchange(server.proxy_address[1], get())
+    assert received.startswith(b"HTTP/1.1 200 OK") and b"hello" in received
+    assert not received.endswith(b"0\r\n\r\n")  # aborted, not finished
+    assert spare.requests == []  # the GET was not made again elsewhere
+    assert (await pools(server))["app"]["retries"] == {}
