@@ -125,7 +125,7 @@ class ProxyServer:
         if self._admin_socket is not None:
             await web.UnixSite(self._admin_runner, self._admin_socket).start()
         else:
-            await _listen(self._admin_runner, config.admin.host, config.admin.port, "admin")
+            await listen_on(self._admin_runner, config.admin.host, config.admin.port, "admin")
 
         tls = server_context(config.listen.tls) if config.listen.tls is not None else None
         if self.access_log is not None:
@@ -145,7 +145,7 @@ class ProxyServer:
             server, handle_signals=False, shutdown_timeout=self._shutdown_grace
         )
         await self._proxy_runner.setup()
-        await _listen(
+        await listen_on(
             self._proxy_runner, config.listen.host, config.listen.port, "listen", tls,
             reuse_port=self._reuse_port,
         )  # fmt: skip
@@ -229,7 +229,7 @@ class ProxyServer:
         return host, port
 
 
-async def _listen(
+async def listen_on(
     runner: web.BaseRunner,
     host: str,
     port: int,

@@ -29,6 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from proxy.config import Config, ConfigError, load_config
+from proxy.server import listen_on
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
 
 log = logging.getLogger("proxy")
 
@@ -45,6 +51,7 @@ GAUGE_AGGREGATION = {
 # Counted by every worker for the same event: one reload of the file is one reload.
 SAME_EVENT_COUNTERS = {"proxy_config_reloads_total"}
 RESTART_DELAY = 0.5  # s before a dead worker is started again
+MAX_RESTART_DELAY = 30.0  # the back-off for a worker that keeps dying right after it starts
 
 
 def merge(expositions: Iterable[str]) -> list[Metric]:
@@ -105,14 +112,20 @@ class Supervisor:
 
     async def _watch(self, index: int) -> None:
         """Start worker `index` again whenever it dies, until the supervisor stops."""
+        delay = RESTART_DELAY
         while not self._stopping:
+            started = loop_time()
             code = await self._procs[index].wait()
             if self._stopping:
                 return
             self.restarts += 1
-            log.error("worker %d (pid %d) exited with %d; starting it again",
-                      index, self._procs[index].pid, code)  # fmt: skip
-            await asyncio.sleep(RESTART_DELAY)
+            # One that dies at once (its port taken, say) is retried less and less often.
+            delay = (
+                min(delay * 2, MAX_RESTART_DELAY) if loop_time() - started < 5 else RESTART_DELAY
+            )
+            log.error("worker %d (pid %d) exited with %d; starting it again in %.1f s",
+                      index, self._procs[index].pid, code, delay)  # fmt: skip
+            await asyncio.sleep(delay)
             if not self._stopping:
                 await self._spawn(index)
 
@@ -199,7 +212,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         runner = web.AppRunner(self.admin_app(), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.config.admin.host, self.config.admin.port).start()
+        await listen_on(runner, self.config.admin.host, self.config.admin.port, "admin")
         for index in range(self.count):
             await self._spawn(index)
         watchers = [asyncio.create_task(self._watch(i)) for i in range(self.count)]
