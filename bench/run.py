@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from worktree import checkout  # bench/worktree.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMALL = b"hello, world\n"
@@ -480,24 +482,10 @@ def main() -> int:
     samples: dict[tuple[str, int, str], list[Run]] = {}
     total = len(cases) * len(targets) * args.rounds
     done = 0
-    with bench_dir() as root:
+    with bench_dir() as root, contextlib.ExitStack() as stack:
         baseline = None
         if args.baseline:
-            baseline = root / "baseline-src"
-            subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    str(REPO),
-                    "worktree",
-                    "add",
-                    "--detach",
-                    "-q",
-                    str(baseline),
-                    args.baseline,
-                ],
-                check=True,
-            )
+            baseline = stack.enter_context(checkout(args.baseline, root / "baseline-src"))
         bench = Bench(root, args.pool_limit, baseline)
         try:
             bench.start([t for t in targets if t in PROXY_VARIANTS])
@@ -521,11 +509,6 @@ def main() -> int:
                 transfer = bench.transfer()
         finally:
             bench.stop()
-            if baseline:
-                subprocess.run(
-                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)],
-                    check=False,
-                )
 
     results = {key: median_run(runs) for key, runs in samples.items()}
     print(

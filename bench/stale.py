@@ -28,6 +28,8 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from worktree import checkout  # noqa: E402 - bench/worktree.py, beside this script
+
 from tests.support import (  # noqa: E402 - the test suite's raw backends, reused
     RawBackend,
     closes_idle_after,
@@ -110,58 +112,29 @@ async def main() -> int:
     parser.add_argument("-n", type=int, default=100, help="requests per measure (default 100)")
     parser.add_argument("--baseline", metavar="REV", help="also measure git revision REV")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="proxy-stale-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="proxy-stale-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         sources = [("this proxy", REPO)]
         if args.baseline:
-            baseline = root / "baseline"
-            subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    str(REPO),
-                    "worktree",
-                    "add",
-                    "--detach",
-                    "-q",
-                    str(baseline),
-                    args.baseline,
-                ],
-                check=True,
-            )
+            baseline = stack.enter_context(checkout(args.baseline, root / "baseline"))
             sources.append((f"baseline {args.baseline}", baseline))
         rows = []
-        try:
-            for fault, handler, pace in (
-                ("closes idle after 0.2 s", closes_idle_after(0.2, OK), True),
-                ("closes on reuse", closes_on_reuse(OK), False),
-            ):
-                for name, source in sources:
-                    print(f"{name}: backend {fault}...", file=sys.stderr, flush=True)
-                    backend = await RawBackend(handler).start()
-                    proc, port = await run_proxy(source, backend.url, root)
-                    try:
-                        failures = await measure(port, args.n, pace)
-                        posts = await post_after_get(port, args.n, backend)
-                    finally:
-                        proc.terminate()
-                        proc.wait(timeout=30)
-                        await backend.stop()
-                    rows.append((fault, name, failures, posts))
-        finally:
-            if args.baseline:
-                subprocess.run(
-                    [
-                        "git",
-                        "-C",
-                        str(REPO),
-                        "worktree",
-                        "remove",
-                        "--force",
-                        str(root / "baseline"),
-                    ],
-                    check=False,
-                )
+        for fault, handler, pace in (
+            ("closes idle after 0.2 s", closes_idle_after(0.2, OK), True),
+            ("closes on reuse", closes_on_reuse(OK), False),
+        ):
+            for name, source in sources:
+                print(f"{name}: backend {fault}...", file=sys.stderr, flush=True)
+                backend = await RawBackend(handler).start()
+                proc, port = await run_proxy(source, backend.url, root)
+                try:
+                    failures = await measure(port, args.n, pace)
+                    posts = await post_after_get(port, args.n, backend)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                    await backend.stop()
+                rows.append((fault, name, failures, posts))
     n = args.n
     print(
         "\n| backend | proxy | sequential GET failed | concurrent GET failed "

@@ -60,6 +60,23 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
     return {"upstreams": upstreams}
 
 
+async def healthz(request: web.Request) -> web.Response:
+    # Alive as long as the process answers: liveness must not fail during a drain.
+    return web.Response(text="ok\n")
+
+
+def reload_handler(
+    reload: Callable[[], Awaitable[tuple[bool, str]]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """POST /reload: 200 and what changed, or 400 and the config error line."""
+
+    async def handler(request: web.Request) -> web.Response:
+        applied, message = await reload()
+        return web.Response(status=200 if applied else 400, text=message + "\n")
+
+    return handler
+
+
 def admin_app(
     state: Callable[[], str],
     registry: CollectorRegistry,
@@ -68,10 +85,6 @@ def admin_app(
 ) -> web.Application:
     """`state()` is "starting", "serving" or "draining"; `reload()` re-reads the config file."""
 
-    async def healthz(request: web.Request) -> web.Response:
-        # Alive as long as the process answers: liveness must not fail during a drain.
-        return web.Response(text="ok\n")
-
     async def readyz(request: web.Request) -> web.Response:
         now = state()
         return web.Response(status=200 if now == "serving" else 503, text=now + "\n")
@@ -79,12 +92,8 @@ def admin_app(
     async def pools(request: web.Request) -> web.Response:
         return web.json_response(pools_view(current()))
 
-    async def reload_config(request: web.Request) -> web.Response:
-        applied, message = await reload()
-        return web.Response(status=200 if applied else 400, text=message + "\n")
-
     app = web.Application()
-    app.router.add_post("/reload", reload_config)
+    app.router.add_post("/reload", reload_handler(reload))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/pools", pools)

@@ -30,7 +30,7 @@ from proxy.failures import (
 )
 from proxy.listener import ForwardedResponse, plain_response
 from proxy.retry import retry_reason, within_budget
-from proxy.routing import RoutingTable, forwarded_path, host_key
+from proxy.routing import RoutingTable, forwarded_path, host_key, origin_form
 from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream
 
 log = logging.getLogger("proxy")
@@ -49,18 +49,6 @@ class Snapshot:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))
-
-
-def origin_form(raw_target: str) -> tuple[str | None, str] | None:
-    """(authority, origin-form) for an absolute-form target, None for anything else."""
-    scheme, sep, rest = raw_target.partition("://")
-    if not sep or scheme.lower() not in ("http", "https"):
-        return None
-    slash = rest.find("/")
-    query = rest.find("?")
-    cut = min(i for i in (slash, query, len(rest)) if i != -1)
-    path = rest[cut:]
-    return rest[:cut] or None, path if path.startswith("/") else "/" + path
 
 
 Observer = Callable[[Exchange], None]

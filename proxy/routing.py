@@ -22,6 +22,18 @@ def host_key(host_header: str | None) -> str | None:
     return host[:colon] if colon != -1 else host
 
 
+def origin_form(raw_target: str) -> tuple[str | None, str] | None:
+    """(authority, origin-form) for an absolute-form target, None for anything else."""
+    scheme, sep, rest = raw_target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    slash = rest.find("/")
+    query = rest.find("?")
+    cut = min(i for i in (slash, query, len(rest)) if i != -1)
+    path = rest[cut:]
+    return rest[:cut] or None, path if path.startswith("/") else "/" + path
+
+
 def forwarded_path(route: Route, raw_path: str) -> str:
     """The request-target sent upstream: unchanged, or without the prefix but with a leading '/'."""
     if not route.strip_prefix:

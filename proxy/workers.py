@@ -28,6 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from proxy.admin import healthz, reload_handler
 from proxy.config import Config, ConfigError, load_config
 from proxy.server import listen_on
 
@@ -163,9 +164,6 @@ class Supervisor:
         return True, f"reload sent to {self.count} workers"
 
     def admin_app(self) -> web.Application:
-        async def healthz(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
         async def readyz(request: web.Request) -> web.Response:
             answers = await self._ask_all("/readyz") if self.state == "serving" else []
             ready = bool(answers) and all(a is not None and a[0] == 200 for a in answers)
@@ -188,16 +186,12 @@ class Supervisor:
             ]  # fmt: skip
             return web.json_response({"workers": workers})
 
-        async def reload(request: web.Request) -> web.Response:
-            applied, message = await self.reload()
-            return web.Response(status=200 if applied else 400, text=message + "\n")
-
         app = web.Application()
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/pools", pools)
-        app.router.add_post("/reload", reload)
+        app.router.add_post("/reload", reload_handler(self.reload))
         return app
 
     def _own_metrics(self) -> list[Metric]:
