@@ -212,3 +212,16 @@ async def test_real_prometheus_scrapes_the_proxy(backend, proxy, tmp_path: Path)
         except TimeoutError:
             prometheus.kill()
             await prometheus.wait()
+
+
+async def test_every_exposed_metric_is_documented_in_the_readme(backend, proxy):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = await served_exposition(backend, proxy)
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### Metrics") : readme.index("### The live pool view")]
+    for family in text_string_to_metric_families(text):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"| `{name}` |" in table, name
+    for name in ("proxy_config_reloads_total", "proxy_workers", "proxy_worker_restarts_total"):
+        assert f"`{name}`" in readme, name
