@@ -1,7 +1,7 @@
 """The hot path: route a client request, stream it to a target, stream the answer back.
 
-Reads top to bottom as the data flows. Every upstream failure is classified in one place,
-`classify()`. Knows nothing of YAML or Prometheus.
+Reads top to bottom as the data flows. Upstream failures are classified by failures.py and
+retries decided by retry.py. Knows nothing of YAML or Prometheus.
 """
 
 from __future__ import annotations
@@ -226,13 +226,10 @@ class Forwarder:
                     _log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
                     exchange.error = UNFORWARDABLE.kind
                     return _answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
-                failure = await _copy_body(request, upstream_response.content, response, exchange)
-                if failure is not None:
-                    if failure is not CLIENT_ABORT:
-                        upstream.failed(target)
-                        _log_failure(request, url, upstream, failure, None, _AFTER_HEADERS)
-                    _abort(request, response)
-                    return _failed(exchange, failure, response)
+                broken = await _copy_body(request, upstream_response.content, response, exchange)
+                if broken is not None:
+                    return _broken_after_headers(request, url, upstream, target, response,
+                                                 exchange, *broken)  # fmt: skip
                 await response.write_eof()
                 return response
         except PoolFull:
@@ -242,13 +239,9 @@ class Forwarder:
             if response is not None and response.prepared:
                 # After the headers nothing is retried, and a connection error here is the
                 # client's (aiohttp's ClientConnectionResetError is a ClientError too).
-                client_gone = isinstance(exc, ConnectionError)
-                failure = CLIENT_ABORT if client_gone else classify(exc)
-                if not client_gone:
-                    upstream.failed(target)
-                    _log_failure(request, url, upstream, failure, exc, _AFTER_HEADERS)
-                _abort(request, response)
-                return _failed(exchange, failure, response)
+                failure = CLIENT_ABORT if isinstance(exc, ConnectionError) else classify(exc)
+                return _broken_after_headers(request, url, upstream, target, response,
+                                             exchange, failure, exc)  # fmt: skip
             if acquisition.queued:  # the connect timeout ran out while waiting for a slot
                 exchange.error = "timeout"
                 return _answer(exchange, 503, "no upstream connection free in time", busy=True)
@@ -268,6 +261,25 @@ def _answer(exchange: Exchange, status: int, detail: str, *, busy: bool = False)
     exchange.status = status
     exchange.bytes_sent = len(response.body)  # type: ignore[arg-type]
     return response
+
+
+def _broken_after_headers(
+    request: web.BaseRequest,
+    url: URL,
+    upstream: Upstream,
+    target: TargetState,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    failure: Failure,
+    exc: BaseException,
+) -> web.StreamResponse:
+    """The response had started when `failure` happened: never retried; the target is blamed
+    (unless the client left) and the client connection is cut."""
+    if failure is not CLIENT_ABORT:
+        upstream.failed(target)
+        _log_failure(request, url, upstream, failure, exc, _AFTER_HEADERS)
+    _abort(request, response)
+    return _failed(exchange, failure, response)
 
 
 def _failed(
@@ -307,27 +319,28 @@ async def _copy_body(
     source: aiohttp.StreamReader,
     response: ForwardedResponse,
     exchange: Exchange,
-) -> Failure | None:
-    """Copy each chunk as it arrives (SSE needs that); `write` waits while the client is slow."""
+) -> tuple[Failure, BaseException] | None:
+    """Copy each chunk as it arrives (SSE needs that); `write` waits while the client is slow.
+    Reads fail on the upstream's side, writes on the client's: the failure says which."""
     try:
         # Bytes that came in with the headers leave with them, in one write; if there are
         # none yet, the client must not wait for the headers until the body starts.
         chunk = source.read_nowait()
     except UPSTREAM_ERRORS as exc:
-        return classify(exc)
+        return classify(exc), exc
     if not chunk:
         response.flush_headers(request)
     while True:
         if chunk:
             try:
                 await response.write(chunk)
-            except ConnectionError:
-                return CLIENT_ABORT
+            except ConnectionError as exc:
+                return CLIENT_ABORT, exc
             exchange.bytes_sent += len(chunk)
         try:
             chunk = await source.readany()
         except UPSTREAM_ERRORS as exc:
-            return classify(exc)
+            return classify(exc), exc
         if not chunk:
             return None
 
