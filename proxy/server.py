@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -249,6 +250,36 @@ async def listen_on(
         ) from None
 
 
+def handle_signals(
+    reload: Callable[[], Awaitable[object]],
+    first_stop: Callable[[str], None],
+    second_stop: Callable[[str], None],
+) -> asyncio.Event:
+    """SIGTERM or SIGINT: `first_stop(name)`, then the returned event is set; another one:
+    `second_stop(name)`, which exits. SIGHUP: `reload()`, in a task kept until it is done."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_stop(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stopping.is_set():
+            second_stop(name)
+            return
+        first_stop(name)
+        stopping.set()
+
+    def on_reload() -> None:
+        task = asyncio.ensure_future(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    return stopping
+
+
 async def serve(
     config: Config,
     config_path: str | Path | None = None,
@@ -269,29 +300,19 @@ async def serve(
     except BaseException:
         await server.stop()
         raise
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[tuple[bool, str]]] = set()
 
-    def on_stop_signal(signum: int) -> None:
-        if stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(1)
+    def drain(name: str) -> None:
         server.state = "draining"  # /readyz: 503 from now on
         log.info(
             "%s: draining (listener closes in %.0f s; requests get %.0f s), then exiting",
-            signal.Signals(signum).name, config.shutdown.delay, config.shutdown.grace,
+            name, config.shutdown.delay, config.shutdown.grace,
         )  # fmt: skip
-        stopping.set()
 
-    def on_reload_signal() -> None:
-        task = asyncio.create_task(server.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+    def exit_now(name: str) -> None:
+        log.warning("second %s: exiting now", name)
+        os._exit(1)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+    stopping = handle_signals(server.reload, drain, exit_now)
     try:
         await stopping.wait()
         # Load balancers keep sending until they notice /readyz: keep serving meanwhile.

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from proxy.admin import healthz, reload_handler
 from proxy.config import Config, ConfigError, load_config
-from proxy.server import listen_on
+from proxy.server import handle_signals, listen_on
 
 
 def loop_time() -> float:
@@ -93,7 +93,6 @@ class Supervisor:
         self.restarts = 0
         self._dir = tempfile.mkdtemp(prefix="proxy-workers-")
         self._procs: dict[int, asyncio.subprocess.Process] = {}
-        self._stopping = False
 
     def socket(self, index: int) -> str:
         return os.path.join(self._dir, f"worker-{index}.sock")
@@ -114,10 +113,10 @@ class Supervisor:
     async def _watch(self, index: int) -> None:
         """Start worker `index` again whenever it dies, until the supervisor stops."""
         delay = RESTART_DELAY
-        while not self._stopping:
+        while self.state != "draining":
             started = loop_time()
             code = await self._procs[index].wait()
-            if self._stopping:
+            if self.state == "draining":
                 return
             self.restarts += 1
             # One that dies at once (its port taken, say) is retried less and less often.
@@ -127,7 +126,7 @@ class Supervisor:
             log.error("worker %d (pid %d) exited with %d; starting it again in %.1f s",
                       index, self._procs[index].pid, code, delay)  # fmt: skip
             await asyncio.sleep(delay)
-            if not self._stopping:
+            if self.state != "draining":
                 await self._spawn(index)
 
     async def _ask(self, index: int, path: str, accept: str = "") -> tuple[int, str]:
@@ -153,21 +152,23 @@ class Supervisor:
                     proc.send_signal(signum)
 
     async def reload(self) -> tuple[bool, str]:
-        """Check the file, then have every worker reload it (SIGHUP)."""
+        """Have every worker reload the file (SIGHUP; each applies or rejects it, and counts
+        it), and check it here too, to answer POST /reload with the result."""
+        self._signal_all(signal.SIGHUP)
         try:
             load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload rejected, still serving the previous config: %s", exc)
-            self._signal_all(signal.SIGHUP)  # the workers reject it too, and count it
             return False, str(exc)
-        self._signal_all(signal.SIGHUP)
         return True, f"reload sent to {self.count} workers"
 
     def admin_app(self) -> web.Application:
         async def readyz(request: web.Request) -> web.Response:
             answers = await self._ask_all("/readyz") if self.state == "serving" else []
             ready = bool(answers) and all(a is not None and a[0] == 200 for a in answers)
-            text = "serving" if ready else ("draining" if self._stopping else "starting")
+            text = self.state
+            if self.state == "serving" and not ready:
+                text = "starting"  # a worker is starting, or starting again
             return web.Response(status=200 if ready else 503, text=text + "\n")
 
         async def metrics(request: web.Request) -> web.Response:
@@ -203,7 +204,6 @@ class Supervisor:
         ]
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
         runner = web.AppRunner(self.admin_app(), access_log=None)
         await runner.setup()
         await listen_on(runner, self.config.admin.host, self.config.admin.port, "admin")
@@ -214,29 +214,18 @@ class Supervisor:
         log.info("supervisor: %d workers on %s:%d, admin on http://%s:%d", self.count,
                  self.config.listen.host, self.config.listen.port, self.config.admin.host,
                  self.config.admin.port)  # fmt: skip
-        stopped = asyncio.Event()
-        reloads: set[asyncio.Task[tuple[bool, str]]] = set()
 
-        def on_stop(signum: int) -> None:
-            if self._stopping:
-                log.warning("second %s: stopping the workers now", signal.Signals(signum).name)
-                self._signal_all(signal.SIGKILL)
-                os._exit(1)
-            self._stopping = True
+        def drain(name: str) -> None:
             self.state = "draining"
-            log.info("%s: the workers drain, then exit", signal.Signals(signum).name)
+            log.info("%s: the workers drain, then exit", name)
             self._signal_all(signal.SIGTERM)
-            stopped.set()
 
-        def on_reload() -> None:
-            task = asyncio.create_task(self.reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+        def kill_now(name: str) -> None:
+            log.warning("second %s: stopping the workers now", name)
+            self._signal_all(signal.SIGKILL)
+            os._exit(1)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, on_reload)
-        await stopped.wait()
+        await handle_signals(self.reload, drain, kill_now).wait()
         codes = await asyncio.gather(*(p.wait() for p in self._procs.values()))
         for watcher in watchers:
             watcher.cancel()
