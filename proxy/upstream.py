@@ -66,8 +66,9 @@ class TargetStats:
 class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that also counts what the pool metrics need.
 
-    Overrides two private coroutines and reads three private attributes of aiohttp's
-    BaseConnector, checked against aiohttp 3.14.5 (pinned ~=3.14.0);
+    Overrides three private coroutines (`_wait_for_available_connection`, `_get`,
+    `_create_connection`) and the public `connect`, and reads two private attributes (`_acquired`,
+    `_conns`) of aiohttp's BaseConnector, checked against aiohttp 3.14.5 (pinned ~=3.14.0);
     tests/e2e/test_metrics.py::test_pool_connector_hooks_exist fails loudly if they move.
     """
 
@@ -115,7 +116,8 @@ class PoolConnector(aiohttp.TCPConnector):
         return None
 
     def retire_after(self, protocol: ResponseHandler, seconds: float) -> None:
-        """Do not reuse `protocol` once it has been idle for about `seconds`."""
+        """Do not reuse `protocol` once about `seconds` have passed from now (its response's
+        headers): a little before the upstream's idle timer, which starts later, runs out."""
         margin = min(1.0, seconds / 2)  # leave time for the request to reach the upstream
         self._retire_at[protocol] = time.monotonic() + seconds - margin
 
