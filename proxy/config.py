@@ -53,11 +53,33 @@ class ListenTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """Deadlines for every client read and write (a slow or stalled client is cut)."""
+
+    header: float = key(positive_seconds, 10.0)  # a complete request head (and TLS handshake)
+    body: float = key(positive_seconds, 60.0)  # silence while a request body streams in
+    send: float = key(positive_seconds, 60.0)  # response bytes left unaccepted by the client
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_connections: int = key(positive_int, 10000)  # client connections open at once
+    max_body: int = key(non_negative_int, 0)  # request body bytes (0 = no limit)
+    max_request_line: int = key(positive_int, 8190)  # bytes; longer gets 414
+    max_header: int = key(positive_int, 8190)  # bytes per header line; longer gets 431
+    max_headers: int = key(positive_int, 128)  # header lines; more gets 431
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     host: str = key(text, "0.0.0.0")
     port: int = key(port, 8080)
-    keepalive_timeout: float = key(non_negative_seconds, 75.0)
+    keepalive_timeout: float = key(non_negative_seconds, 75.0)  # 0: no keep-alive
     tls: ListenTLS | None = key(optional_section(ListenTLS), None)
+    timeouts: ClientTimeouts = key(section(ClientTimeouts), ClientTimeouts())
+    limits: Limits = key(section(Limits), Limits())
+    # nginx's default: "X_Forwarded_For" and "X-Forwarded-For" are one CGI variable.
+    allow_underscores_in_headers: bool = key(boolean, False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +168,7 @@ class Route:
     upstream: str = key(text)
     name: str = key(text, "")  # "" until parse_config fills in host + path_prefix
     strip_prefix: bool = key(boolean, False)
+    max_body: int | None = key(non_negative_int, None)  # overrides listen.limits.max_body
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +203,28 @@ class Config:
     workers: int = key(workers_count, 1)  # 0 = auto
 
 
+def _check_together(config: Config) -> None:
+    """Rules between keys, each named by the key that must change."""
+    listen, admin = config.listen, config.admin
+    anywhere = "0.0.0.0", "::"
+    same_host = listen.host == admin.host or listen.host in anywhere or admin.host in anywhere
+    if listen.port == admin.port and listen.port != 0 and same_host:
+        raise ConfigError(
+            f"admin.port: must differ from listen.port on the same host, got {admin.port}"
+        )
+    for name, upstream in config.upstreams.items():
+        pool = upstream.pool
+        if pool.limit and pool.limit_per_host > pool.limit:
+            raise ConfigError(
+                f"upstreams.{name}.pool.limit_per_host: must be <= pool.limit "
+                f"({pool.limit}) when the limit is set, got {pool.limit_per_host}"
+            )
+
+
 def parse_config(data: Any) -> Config:
     """Validate a parsed YAML document; pure, raises ConfigError naming the first bad key."""
     config = parse_section(Config, data, "")
+    _check_together(config)
     routes = []
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
