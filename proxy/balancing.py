@@ -26,6 +26,7 @@ class TargetState:
     consecutive_failures: int = 0
     ejections: int = 0  # ejections in a row, for the doubling back-off
     ejection_counts: dict[str, int] = field(default_factory=dict)  # by reason, for metrics
+    attempt_failures: dict[str, int] = field(default_factory=dict)  # by failure kind
     smooth_weight: int = 0  # smooth weighted round robin's running weight
     host: str = ""
     port: int | None = None

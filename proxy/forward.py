@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,9 +28,16 @@ from proxy.failures import (
     classify,
     phase,
 )
-from proxy.listener import ForwardedResponse, plain_response
+from proxy.listener import ClientBodyTimeout, ForwardedResponse, plain_response
 from proxy.retry import retry_reason, within_budget
-from proxy.routing import RoutingTable, forwarded_path, host_key, origin_form
+from proxy.routing import (
+    RoutingTable,
+    forwarded_path,
+    host_key,
+    normalized_path,
+    origin_form,
+    valid_host,
+)
 from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream
 
 log = logging.getLogger("proxy")
@@ -68,10 +75,20 @@ class Attempted:
 class Forwarder:
     """The data-plane request handler."""
 
-    def __init__(self, current: Callable[[], Snapshot], scheme: str, observe: Observer) -> None:
+    def __init__(
+        self,
+        current: Callable[[], Snapshot],
+        scheme: str,
+        observe: Observer,
+        *,
+        max_body: int = 0,
+        allow_underscores: bool = False,
+    ) -> None:
         self._current = current  # returns the snapshot in force now
         self._scheme = scheme
         self._observe = observe
+        self._max_body = max_body  # listen.limits.max_body; a route's own overrides it
+        self._underscores = allow_underscores
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(
@@ -84,6 +101,14 @@ class Forwarder:
             if exchange.upstream and exchange.error is None:
                 exchange.error = "client_abort"
             raise
+        except Exception:  # a bug: answer and count it as what it is, a 500
+            log.exception("%s %s: internal error", request.method, request.raw_path)
+            exchange.status = 500
+            if request.writer.output_size > 0 and request.transport is not None:
+                request.transport.abort()  # a response had started: it must look broken
+            response = plain_response(500, "internal error")
+            response.force_close()
+            return response
         finally:
             exchange.duration = time.perf_counter() - exchange.started
             self._observe(exchange)
@@ -103,28 +128,44 @@ class Forwarder:
             if parsed is None or parsed[0] is None:
                 return _answer(exchange, 400, "the request-target must be a path or an http URL")
             host, target = parsed
-
+        if host is not None and not valid_host(host):
+            return _answer(exchange, 400, "invalid Host (a host name or address, and a port)")
         if "#" in target:
             # Not part of any request-target form (RFC 9112 §3.2), and yarl would drop it.
             return _answer(exchange, 400, "the request-target must not contain a fragment")
+        path = normalized_path(target)
+        if path is None:
+            return _answer(exchange, 400, "the request path climbs above /")
 
-        route = snapshot.routes.match(host_key(host), target)
+        route = snapshot.routes.match(host_key(host), path)
         if route is None:
             return _answer(exchange, 404, "no route matches this request")
         upstream = snapshot.upstreams[route.upstream]
         exchange.route = route.name
         exchange.upstream = upstream.name
 
+        max_body = self._max_body if route.max_body is None else route.max_body
+        length = request.content_length
+        if max_body and length is not None and length > max_body:
+            return _too_large(exchange, max_body)
+        body: aiohttp.StreamReader | AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            # A body-less request stays body-less: data=<empty stream> would make it chunked.
+            body = request.content
+            if max_body and length is None:  # chunked: counted as it streams
+                body = _at_most(request.content, max_body)
+
         out_headers = hdrs.to_upstream(
-            request.headers, client_ip=request.remote, scheme=self._scheme, host=host
-        )
+            request.headers, client_ip=request.remote, scheme=self._scheme, host=host,
+            underscores=self._underscores,
+        )  # fmt: skip
         if absolute and host is not None:
             out_headers["Host"] = host
         upstream.in_flight += 1
         upstream.requests += 1
         try:
             return await self._forward(
-                request, exchange, upstream, out_headers, forwarded_path(route, target)
+                request, exchange, upstream, out_headers, forwarded_path(route, target, path), body
             )
         finally:
             upstream.in_flight -= 1
@@ -138,9 +179,8 @@ class Forwarder:
         upstream: Upstream,
         out_headers: CIMultiDict[str],
         path: str,
+        body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
-        # A body-less request must stay body-less: data=<empty stream> would make it chunked.
-        body = request.content if request.body_exists else None
         if body is not None and _expects_continue(request):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         tried: list[TargetState] = []
@@ -187,7 +227,7 @@ class Forwarder:
         target: TargetState,
         out_headers: CIMultiDict[str],
         path: str,
-        body: aiohttp.StreamReader | None,
+        body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
         fresh_only: bool,
     ) -> web.StreamResponse | Attempted:
         """One try on one target: the response, or a failure from before any response header
@@ -211,18 +251,17 @@ class Forwarder:
             ) as upstream_response:
                 exchange.upstream_seconds = time.perf_counter() - sent
                 exchange.reused = acquisition.reused
-                upstream.answered(target, acquisition, upstream_response)
-                response = ForwardedResponse(
-                    status=upstream_response.status,
-                    reason=upstream_response.reason,
-                    headers=hdrs.to_client(upstream_response.headers),
-                )
-                exchange.status = response.status
                 try:
+                    response = _forwardable(upstream_response)
+                    upstream.answered(target, acquisition, upstream_response)
+                    exchange.status = response.status
                     await response.prepare(request)
                 except ConnectionError:  # the client went away while we waited
+                    assert response is not None
                     return _failed(exchange, CLIENT_ABORT, response)
-                except ValueError as exc:
+                except ValueError as exc:  # a response no client should get
+                    upstream_response.close()  # and a connection no request should reuse
+                    upstream.failed(target, UNFORWARDABLE.kind)
                     _log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
                     exchange.error = UNFORWARDABLE.kind
                     return _answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
@@ -236,7 +275,13 @@ class Forwarder:
             upstream.pending_rejected += 1
             return _answer(exchange, 503, "too many requests wait for this upstream", busy=True)
         except UPSTREAM_ERRORS as exc:
-            if response is not None and response.prepared:
+            started = response is not None and response.prepared
+            client_error = _client_body_error(request)
+            if client_error is not None:  # the client's body failed, not the upstream
+                return _client_failed(request, exchange, response if started else None,
+                                      *client_error)  # fmt: skip
+            if started:
+                assert response is not None
                 # After the headers nothing is retried, and a connection error here is the
                 # client's (aiohttp's ClientConnectionResetError is a ClientError too).
                 failure = CLIENT_ABORT if isinstance(exc, ConnectionError) else classify(exc)
@@ -245,8 +290,9 @@ class Forwarder:
             if acquisition.queued:  # the connect timeout ran out while waiting for a slot
                 exchange.error = "timeout"
                 return _answer(exchange, 503, "no upstream connection free in time", busy=True)
-            upstream.failed(target)
-            return Attempted(classify(exc), phase(exc), acquisition.reused, exc, url)
+            failure = classify(exc)
+            upstream.failed(target, failure.kind)
+            return Attempted(failure, phase(exc), acquisition.reused, exc, url)
         finally:
             target.in_flight -= 1
             exchange.pool_wait += acquisition.waited
@@ -276,7 +322,7 @@ def _broken_after_headers(
     """The response had started when `failure` happened: never retried; the target is blamed
     (unless the client left) and the client connection is cut."""
     if failure is not CLIENT_ABORT:
-        upstream.failed(target)
+        upstream.failed(target, failure.kind)
         _log_failure(request, url, upstream, failure, exc, _AFTER_HEADERS)
     _abort(request, response)
     return _failed(exchange, failure, response)
@@ -343,6 +389,83 @@ async def _copy_body(
             return classify(exc), exc
         if not chunk:
             return None
+
+
+def _forwardable(upstream_response: aiohttp.ClientResponse) -> ForwardedResponse:
+    """The client's copy of the upstream's status line and headers; ValueError for one that
+    must not be forwarded (the caller answers 502)."""
+    status = upstream_response.status
+    # aiohttp passes "000" as 0 and any three digits; 1xx other than 101 it consumes itself.
+    # No request is forwarded with Upgrade, so a 101 answers a question nobody asked, and the
+    # bytes after it are not HTTP (RFC 9110 §15.2.2).
+    if not 200 <= status <= 599:
+        raise ValueError(f"status {status} cannot answer this request")
+    return ForwardedResponse(
+        status=status,
+        reason=upstream_response.reason,
+        headers=hdrs.to_client(upstream_response.headers),
+    )
+
+
+class BodyTooLarge(Exception):
+    """Set on a chunked request body that grew past its max_body."""
+
+
+async def _at_most(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """A chunked request body, cut off once it exceeds `limit` bytes."""
+    received = 0
+    while chunk := await content.readany():
+        received += len(chunk)
+        if received > limit:
+            error = BodyTooLarge(limit)
+            content.set_exception(error)  # what _client_body_error finds afterwards
+            raise error
+        yield chunk
+
+
+# What the client gets when its own request body failed (the upstream is not to blame).
+_CLIENT_BODY_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (ClientBodyTimeout, 408, "the request body stopped arriving"),
+    (BodyTooLarge, 413, "the request body is too large"),
+    (Exception, 400, "malformed request body"),  # aiohttp's parser: bad chunk sizes and the like
+)
+
+
+def _client_body_error(request: web.BaseRequest) -> tuple[int, str, BaseException] | None:
+    exc = request.content.exception() if request.body_exists else None
+    if exc is None:
+        return None
+    for exc_type, status, detail in _CLIENT_BODY_ERRORS:
+        if isinstance(exc, exc_type):
+            return status, detail, exc
+    return None
+
+
+def _client_failed(
+    request: web.BaseRequest,
+    exchange: Exchange,
+    response: web.StreamResponse | None,
+    status: int,
+    detail: str,
+    exc: BaseException,
+) -> web.StreamResponse:
+    """The client's request body failed: a 4xx if no response started, else a cut connection;
+    never counted against the target."""
+    log.info("%s %s from %s: %s (%r)", request.method, request.raw_path, request.remote,
+             detail, exc)  # fmt: skip
+    if response is not None:
+        _abort(request, response)
+        exchange.status = 499
+        return response
+    answer = _answer(exchange, status, detail)
+    answer.force_close()  # the rest of the body is unread
+    return answer
+
+
+def _too_large(exchange: Exchange, limit: int) -> web.Response:
+    response = _answer(exchange, 413, f"the request body exceeds {limit} bytes")
+    response.force_close()  # do not read a body we refused
+    return response
 
 
 def _abort(request: web.BaseRequest, response: web.StreamResponse) -> None:

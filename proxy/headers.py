@@ -6,6 +6,8 @@ Knows nothing of sockets or aiohttp request objects.
 
 from __future__ import annotations
 
+import re
+
 from multidict import CIMultiDict, MultiMapping
 
 # Hop-by-hop: they describe one connection, so a proxy consumes them and never forwards them
@@ -15,7 +17,9 @@ HOP_BY_HOP = frozenset(
         "connection",
         "keep-alive",
         "proxy-connection",  # non-standard, still sent by some clients
-        "te",  # kept only as "TE: trailers", see below
+        # "TE: trailers" too: the proxy does not relay trailers (aiohttp reads and drops
+        # them), so it must not tell the upstream that the client accepts them.
+        "te",
         "trailer",
         "transfer-encoding",  # the proxy re-frames each body itself
         "upgrade",
@@ -36,23 +40,35 @@ _REQUEST_ONLY = frozenset(
 )
 
 
+# A token (RFC 9110 §5.1): what a field name must be. aiohttp's client parser lets through
+# names such as "Content-Length " that a lenient client downstream would take for framing.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _end_to_end(
-    headers: MultiMapping[str], drop: frozenset[str], *, same_spelling: bool = False
+    headers: MultiMapping[str],
+    drop: frozenset[str],
+    *,
+    same_spelling: bool = False,
+    underscores: bool = True,
 ) -> CIMultiDict[str]:
-    # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1).
+    # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1), except
+    # Host: a request has exactly one, whatever Connection says (AIOHTTP-NOTES §1.16).
     listed = {
         token.strip().lower()
         for value in headers.getall("Connection", ())
         for token in value.split(",")
     }
+    listed.discard("host")
     out: CIMultiDict[str] = CIMultiDict()
     spelling: dict[str, str] = {}
     for name, value in headers.items():
         lower = name.lower()
-        # "TE: trailers" (which RFC 9110 §10.1.4 makes the sender list in Connection) says the
-        # client accepts trailers: the one TE value worth passing on.
-        te_trailers = lower == "te" and value.strip().lower() == "trailers"
-        if (lower in drop or lower in listed) and not te_trailers:
+        if lower in drop or lower in listed:
+            continue
+        if not underscores and "_" in lower:
+            # CGI and WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to one
+            # variable: a client could forge the proxy's own headers (nginx drops them too).
             continue
         if same_spelling:
             # aiohttp's ClientSession._prepare_headers (3.14.5) tracks names case-sensitively,
@@ -67,10 +83,16 @@ _DROP_TO_UPSTREAM = HOP_BY_HOP | _REQUEST_ONLY
 
 
 def to_upstream(
-    headers: MultiMapping[str], *, client_ip: str | None, scheme: str, host: str | None
+    headers: MultiMapping[str],
+    *,
+    client_ip: str | None,
+    scheme: str,
+    host: str | None,
+    underscores: bool = False,
 ) -> CIMultiDict[str]:
-    """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*."""
-    out = _end_to_end(headers, _DROP_TO_UPSTREAM, same_spelling=True)
+    """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*.
+    Names with "_" are dropped unless `underscores` (listen.allow_underscores_in_headers)."""
+    out = _end_to_end(headers, _DROP_TO_UPSTREAM, same_spelling=True, underscores=underscores)
     chain = headers.getall("X-Forwarded-For", [])
     if client_ip:
         chain.append(client_ip)
@@ -83,5 +105,9 @@ def to_upstream(
 
 
 def to_client(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    """Response headers as sent to the client: every end-to-end header, in order."""
+    """Response headers as sent to the client: every end-to-end header, in order.
+    Raises ValueError for a field name that is not a token (the upstream's response is bad)."""
+    for name in headers:
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise ValueError(f"invalid header name {name!r}")
     return _end_to_end(headers, HOP_BY_HOP)

@@ -76,7 +76,7 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def rest(upstream: str, target: TargetState, seconds: float, now: float) -> None:
-    """A target that answered 503 or 429 with Retry-After gets the rest it asked for."""
+    """A target that answered 503 with Retry-After gets the rest it asked for."""
     seconds = min(seconds, MAX_REST)
     if seconds <= 0:
         return

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -25,13 +25,17 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.accept import PAUSE_REASONS
 from proxy.exchange import Exchange
 from proxy.forward import Snapshot
+from proxy.listener import TIMEOUT_PHASES
+from proxy.upstream import DISCARD_REASONS
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol", "client_abort")
+ATTEMPT_FAILURE_KINDS = ("connect", "timeout", "reset", "protocol")
 RETRY_REASONS = ("connect", "reset", "stale")
 EJECTION_REASONS = ("consecutive_failures", "health_check", "retry_after")
 # Request and upstream latencies, 1 ms to 1 min.
@@ -83,9 +87,13 @@ class ProxyMetrics:
         current: Callable[[], Snapshot],
         client_connections: Callable[[], int],
         access_log_dropped: Callable[[], int] = lambda: 0,
+        client_timeouts: Callable[[], Mapping[str, int]] = dict,
+        accept_paused: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.current = current
         self.client_connections = client_connections
+        self.client_timeouts = client_timeouts
+        self.accept_paused = accept_paused
         self.access_log_dropped = access_log_dropped
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.durations: dict[tuple[str, str], Buckets] = {}
@@ -126,6 +134,16 @@ class ProxyMetrics:
 
 def _histogram(name: str, doc: str, labels: tuple[str, ...]) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def _by_label(
+    name: str, doc: str, label: str, values: Iterable[str], counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    """A counter with one label whose every value is exposed, at 0 until it happens."""
+    family = CounterMetricFamily(name, doc, labels=(label,))
+    for value in values:
+        family.add_metric([value], counts.get(value, 0))
+    return family
 
 
 class _Exposition(Collector):
@@ -175,6 +193,18 @@ class _Exposition(Collector):
         yield GaugeMetricFamily(
             "proxy_client_connections", "Open client connections.", m.client_connections()
         )
+        yield _by_label(
+            "proxy_client_timeouts",
+            "Client connections cut by a listen.timeouts deadline, by phase (header: request "
+            "head or TLS handshake; body: a silent upload; send: a client not reading).",
+            "phase", TIMEOUT_PHASES, m.client_timeouts(),
+        )  # fmt: skip
+        yield _by_label(
+            "proxy_client_accept_paused",
+            "Times the listener stopped accepting, by reason (max_connections reached; out of "
+            "file descriptors): new clients wait in the kernel backlog meanwhile.",
+            "reason", PAUSE_REASONS, m.accept_paused(),
+        )  # fmt: skip
         yield CounterMetricFamily(
             "proxy_access_log_dropped",
             "Access log lines dropped because the writer fell behind.",
@@ -261,6 +291,17 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
         "Reused connections the upstream had closed, detected and recovered from by a retry.",
         labels=("upstream",),
     )
+    discarded = CounterMetricFamily(
+        "proxy_upstream_connections_discarded",
+        "Upstream connections closed instead of reused, by reason (unsolicited_data: bytes "
+        "that answer no request arrived on it).",
+        labels=("upstream", "reason"),
+    )
+    attempt_failures = CounterMetricFamily(
+        "proxy_upstream_attempt_failures",
+        "Failed attempts per target, retried or not (what retries hide from final outcomes).",
+        labels=("upstream", "target", "kind"),
+    )
     panic = GaugeMetricFamily(
         "proxy_upstream_panic",
         "1 while no target is in rotation and every target is tried (panic mode).",
@@ -278,6 +319,11 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
             for reason in EJECTION_REASONS:
                 count = target.ejection_counts.get(reason, 0)
                 ejections.add_metric([name, target.url, reason], count)
+            for kind in ATTEMPT_FAILURE_KINDS:
+                count = target.attempt_failures.get(kind, 0)
+                attempt_failures.add_metric([name, target.url, kind], count)
+        for reason in DISCARD_REASONS:
+            discarded.add_metric([name, reason], upstream.connector.discarded[reason])
         rejected.add_metric([name], upstream.pending_rejected)
         stale.add_metric([name], upstream.stale)
         panic.add_metric([name], int(available == 0))
@@ -291,3 +337,4 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
         limit_per_host.add_metric([name], upstream.settings.pool.limit_per_host)
     yield from (in_flight, connections, created, waiting, limit, limit_per_host)
     yield from (retries, target_up, ejections, rejected, stale, panic)
+    yield from (discarded, attempt_failures)

@@ -5,9 +5,48 @@ Owns matching on the Host header and the raw request path; knows nothing of aioh
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from proxy.config import Route
+
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [":" port], where uri-host is an IP literal in
+# brackets or a reg-name (unreserved, pct-encoded, sub-delims), and the port is digits.
+_VALID_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%~_-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
+_ENCODED_DOT = re.compile(r"%2[eE]")
+
+
+def valid_host(host: str) -> bool:
+    """Whether a Host header (or an absolute-form authority) is a host with an optional
+    numeric port: no spaces, slashes, userinfo or empty host (RFC 9112 §3.2: else 400)."""
+    return _VALID_HOST.fullmatch(host) is not None
+
+
+def normalized_path(target: str) -> str | None:
+    """The path routes are matched on: the target's path with dot-segments removed (RFC 3986
+    §5.2.4), "%2e" counting as "."; None when it climbs above "/".
+
+    A backend that normalises would serve /internal/secret for /public/../internal/secret or
+    /public/%2e%2e/internal/secret: the route table must see what the backend will see.
+    """
+    path = target.partition("?")[0]
+    if "/." not in path and "%" not in path:
+        return path  # no dot-segment can be in it: the common case, at no cost
+    decoded = _ENCODED_DOT.sub(".", path) if "%" in path else path
+    if "/." not in decoded:
+        return path
+    segments: list[str] = []
+    parts = decoded.split("/")[1:]
+    for part in parts:
+        if part == "..":
+            if not segments:
+                return None
+            segments.pop()
+        elif part != ".":
+            segments.append(part)
+    if parts[-1] in (".", ".."):
+        segments.append("")  # "/a/b/.." is the directory "/a/"
+    return "/" + "/".join(segments)
 
 
 def host_key(host_header: str | None) -> str | None:
@@ -23,7 +62,8 @@ def host_key(host_header: str | None) -> str | None:
 
 
 def origin_form(raw_target: str) -> tuple[str | None, str] | None:
-    """(authority, origin-form) for an absolute-form target, None for anything else."""
+    """(authority, origin-form) for an absolute-form target, None for anything else. The
+    authority is as sent: the caller checks it with `valid_host`."""
     scheme, sep, rest = raw_target.partition("://")
     if not sep or scheme.lower() not in ("http", "https"):
         return None
@@ -34,12 +74,14 @@ def origin_form(raw_target: str) -> tuple[str | None, str] | None:
     return rest[:cut] or None, path if path.startswith("/") else "/" + path
 
 
-def forwarded_path(route: Route, raw_path: str) -> str:
-    """The request-target sent upstream: unchanged, or without the prefix but with a leading '/'."""
+def forwarded_path(route: Route, raw_target: str, path: str) -> str:
+    """The request-target sent upstream: unchanged, or, with strip_prefix, the matched `path`
+    (normalised) without the prefix but with a leading '/', and the raw query after it."""
     if not route.strip_prefix:
-        return raw_path
-    rest = raw_path[len(route.match.path_prefix) :]
-    return rest if rest.startswith("/") else "/" + rest
+        return raw_target
+    rest = path[len(route.match.path_prefix) :]
+    _, question, query = raw_target.partition("?")
+    return (rest if rest.startswith("/") else "/" + rest) + question + query
 
 
 class RoutingTable:
@@ -50,10 +92,10 @@ class RoutingTable:
     def __init__(self, routes: Iterable[Route]) -> None:
         self._routes = tuple((r.match.host, r.match.path_prefix, r) for r in routes)
 
-    def match(self, host: str | None, raw_path: str) -> Route | None:
-        """`host` is already `host_key()`-normalised; `raw_path` is the raw origin-form target."""
+    def match(self, host: str | None, path: str) -> Route | None:
+        """`host` is already `host_key()`-normalised; `path` is `normalized_path()`'s."""
         for route_host, prefix, route in self._routes:
-            if raw_path.startswith(prefix) and (route_host is None or route_host == host):
+            if path.startswith(prefix) and (route_host is None or route_host == host):
                 return route
         return None
 

@@ -19,12 +19,13 @@ from typing import TextIO
 
 from aiohttp import web
 
+from proxy.accept import GuardedListener, GuardedSite
 from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
 from proxy.config import Config, ConfigError, load_config
 from proxy.exchange import Exchange
 from proxy.forward import Forwarder, Snapshot
-from proxy.listener import ProxyHTTPServer, handler_kwargs
+from proxy.listener import Deadlines, ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.reload import describe_changes
 from proxy.routing import RoutingTable
@@ -78,6 +79,7 @@ class ProxyServer:
         self._shutdown_grace = config.shutdown.grace if shutdown_grace is None else shutdown_grace
         self._snapshot: Snapshot | None = None
         self._proxy_server: ProxyHTTPServer | None = None
+        self._listener: GuardedListener | None = None
         self._proxy_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
@@ -90,8 +92,12 @@ class ProxyServer:
         self.metrics = ProxyMetrics(
             self.current,
             client_connections=lambda: (
-                len(self._proxy_server.connections) if self._proxy_server else 0
+                self._proxy_server.open_connections if self._proxy_server else 0
             ),
+            client_timeouts=lambda: (
+                self._proxy_server.client_timeouts if self._proxy_server else {}
+            ),
+            accept_paused=lambda: self._listener.paused if self._listener else {},
             access_log_dropped=lambda: self.access_log.dropped if self.access_log else 0,
         )
         self._prepare_metrics(config)
@@ -133,23 +139,44 @@ class ProxyServer:
             self.access_log.start()
         self._snapshot = build_snapshot(config)
         self._snapshot.start()
+        listen = config.listen
         server = ProxyHTTPServer(
-            Forwarder(self.current, scheme="https" if tls else "http", observe=self._observe),
+            Forwarder(
+                self.current,
+                scheme="https" if tls else "http",
+                observe=self._observe,
+                max_body=listen.limits.max_body,
+                allow_underscores=listen.allow_underscores_in_headers,
+            ),
+            deadlines=Deadlines(
+                header=listen.timeouts.header,
+                body=listen.timeouts.body,
+                send=listen.timeouts.send,
+                keepalive=listen.keepalive_timeout > 0,
+            ),
+            on_rejected=self._on_rejected,
             # A client that goes away cancels its handler, which cancels the upstream request
             # and frees its pool slot (aiohttp's default is to let the handler run on).
             handler_cancellation=True,
-            **handler_kwargs(config.listen.keepalive_timeout),
+            **handler_kwargs(
+                listen.keepalive_timeout,
+                listen.limits.max_request_line,
+                listen.limits.max_header,
+                listen.limits.max_headers,
+            ),
         )
-        server.on_rejected = self._on_rejected
         self._proxy_server = server
         self._proxy_runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=self._shutdown_grace
         )
         await self._proxy_runner.setup()
-        await listen_on(
-            self._proxy_runner, config.listen.host, config.listen.port, "listen", tls,
-            reuse_port=self._reuse_port,
+        site = GuardedSite(
+            self._proxy_runner, listen.host, listen.port, ssl_context=tls,
+            reuse_port=self._reuse_port, max_connections=listen.limits.max_connections,
+            handshake_timeout=listen.timeouts.header,
         )  # fmt: skip
+        await start_site(site, self._proxy_runner, listen.host, listen.port, "listen")
+        self._listener = site.listener
         self.state = "serving"
         log.info(
             "proxy listening on %s://%s:%d, admin on %s: %d upstreams, %d routes",
@@ -230,17 +257,15 @@ class ProxyServer:
         return host, port
 
 
-async def listen_on(
-    runner: web.BaseRunner,
-    host: str,
-    port: int,
-    key: str,
-    tls: object = None,
-    *,
-    reuse_port: bool = False,
+async def listen_on(runner: web.BaseRunner, host: str, port: int, key: str) -> None:
+    await start_site(web.TCPSite(runner, host, port), runner, host, port, key)
+
+
+async def start_site(
+    site: web.BaseSite, runner: web.BaseRunner, host: str, port: int, key: str
 ) -> None:
+    """Start `site`; a port that cannot be bound is a StartupError naming the key to change."""
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_port=reuse_port or None)  # type: ignore[arg-type]
         await site.start()
     except OSError as exc:
         await runner.cleanup()

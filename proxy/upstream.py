@@ -8,12 +8,13 @@ The only module that touches aiohttp's private connector state, all of it in `Po
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import sys
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,9 @@ _KEEP_ALIVE_TIMEOUT = re.compile(r"(?i)\btimeout\s*=\s*(\d+(?:\.\d+)?)")
 # aiohttp invents these on requests unless told not to (AIOHTTP-NOTES §0.3); a proxy must not.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
+# Why an upstream connection was closed instead of being reused.
+DISCARD_REASONS = ("unsolicited_data",)
+
 
 class Acquisition:
     """What the connector saw while getting one attempt its connection. Set per attempt in a
@@ -52,6 +56,38 @@ class Acquisition:
 ACQUISITION: ContextVar[Acquisition] = ContextVar("acquisition")
 
 
+class GuardedResponseHandler(ResponseHandler):
+    """aiohttp's client protocol, deaf while it sits idle in the pool.
+
+    aiohttp keeps parsing bytes that arrive on an idle pooled connection and hands them to the
+    next request as its response (AIOHTTP-NOTES §1.13): a backend that writes a second response
+    would answer another client's request, and every request after it on that connection would
+    get the answer meant for the one before. No byte may arrive while no request is out, so a
+    connection that receives one is closed unread, as nginx does.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_stray: Callable[[ResponseHandler], None]
+    ) -> None:
+        super().__init__(loop)
+        self.idle = False  # in the pool, with no request out
+        self._on_stray = on_stray
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle and data:
+            self.idle = False
+            self.close()  # the connector's _get skips a closed connection
+            self._on_stray(self)
+            return
+        super().data_received(data)
+
+
+def _holds_stray_bytes(protocol: ResponseHandler) -> bool:
+    """Whether bytes beyond the last response were parsed or buffered (aiohttp 3.14.5's
+    `DataQueue._buffer` holds parsed responses nobody read, `_tail` unparsed bytes)."""
+    return bool(protocol._buffer or protocol._tail)
+
+
 class PoolFull(aiohttp.ClientConnectionError):
     """`max_pending` requests already wait for a slot: this one is refused at once."""
 
@@ -67,17 +103,22 @@ class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that also counts what the pool metrics need.
 
     Overrides three private coroutines (`_wait_for_available_connection`, `_get`,
-    `_create_connection`) and the public `connect`, and reads two private attributes (`_acquired`,
-    `_conns`) of aiohttp's BaseConnector, checked against aiohttp 3.14.5 (pinned ~=3.14.0);
-    tests/e2e/test_metrics.py::test_pool_connector_hooks_exist fails loudly if they move.
+    `_create_connection`), the private `_release` and `_factory`, and the public `connect`, and
+    reads two private attributes (`_acquired`, `_conns`) of aiohttp's BaseConnector, checked
+    against aiohttp 3.14.5 (pinned ~=3.14.0); `check_aiohttp()` fails at start-up if they move.
     """
 
-    def __init__(self, *, max_pending: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *, name: str = "", max_pending: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.name = name  # the upstream's, for log lines
         self.max_pending = max_pending  # 0 = unbounded
         self.created = 0  # TCP connections opened since start
         self.waiting = 0  # requests waiting for a free slot now
         self.retired = 0  # idle connections closed before the upstream's announced timeout
+        self.discarded = dict.fromkeys(DISCARD_REASONS, 0)  # closed, never reused, by reason
+        self._factory = functools.partial(  # type: ignore[assignment]
+            GuardedResponseHandler, loop=self._loop, on_stray=self._discard_stray
+        )
         self._retire_at: weakref.WeakKeyDictionary[ResponseHandler, float] = (
             weakref.WeakKeyDictionary()
         )
@@ -108,12 +149,40 @@ class PoolConnector(aiohttp.TCPConnector):
             return None  # its siblings are likely stale too: open a new connection
         while (connection := await super()._get(key, traces)) is not None:
             protocol = connection.protocol
-            deadline = self._retire_at.get(protocol) if protocol is not None else None
+            if protocol is None:  # pragma: no cover - aiohttp hands out live connections
+                return connection
+            if isinstance(protocol, GuardedResponseHandler):
+                protocol.idle = False
+            if _holds_stray_bytes(protocol):
+                self._discard_stray(protocol)  # the second line of defence, see _release
+                connection.close()
+                continue
+            deadline = self._retire_at.get(protocol)
             if deadline is None or time.monotonic() < deadline:
                 return connection
             self.retired += 1
             connection.close()
         return None
+
+    def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        # Bytes that came in after the response (with it, or while the client was still being
+        # written to) make aiohttp close the connection; they are counted here. Bytes that come
+        # later, once it is idle, are refused by GuardedResponseHandler.
+        if _holds_stray_bytes(protocol) and protocol.is_connected():
+            self._discard_stray(protocol)
+            should_close = True
+        super()._release(key, protocol, should_close=should_close)
+        if isinstance(protocol, GuardedResponseHandler) and protocol.is_connected():
+            protocol.idle = True
+
+    def _discard_stray(self, protocol: ResponseHandler) -> None:
+        self.discarded["unsolicited_data"] += 1
+        host, port = self._target_of.get(protocol, ("?", None))
+        log.warning(
+            "upstream %s: target %s:%s sent bytes that answer no request; closed that "
+            "connection (a buggy backend, or a request smuggled in a body)",
+            self.name, host, port,
+        )  # fmt: skip
 
     def retire_after(self, protocol: ResponseHandler, seconds: float) -> None:
         """Do not reuse `protocol` once about `seconds` have passed from now (its response's
@@ -150,7 +219,8 @@ class PoolConnector(aiohttp.TCPConnector):
             if target is not None:
                 stats.setdefault(target, [0, 0])[0] += 1
         for key, idle in getattr(self, "_conns", {}).items():
-            stats.setdefault((key.host, key.port), [0, 0])[1] += len(idle)
+            alive = sum(1 for protocol, _ in idle if protocol.is_connected())
+            stats.setdefault((key.host, key.port), [0, 0])[1] += alive
         return {target: (active, idle) for target, (active, idle) in stats.items()}
 
 
@@ -180,6 +250,7 @@ class Upstream:
         self.ssl: Any = client_context(settings.tls, f"upstreams.{name}.tls") if https else True
         self.server_hostname = settings.tls.server_name
         self.connector = PoolConnector(
+            name=name,
             ssl=self.ssl,
             max_pending=settings.max_pending,
             limit=pool.limit,
@@ -237,7 +308,9 @@ class Upstream:
         status = response.status
         if self.outlier.settings is not None:
             self.outlier.record(target, status in (502, 503, 504), time.monotonic())
-        if status == 503 or status == 429:
+        # Only 503 speaks for the whole target (RFC 9110 §15.6.4); a 429 (RFC 6585 §4) is about
+        # one client's rate, and resting the target for it would refuse every client.
+        if status == 503:
             seconds = retry_after_seconds(response.headers.get("Retry-After"))
             if seconds:
                 rest(self.name, target, seconds, time.monotonic())
@@ -247,8 +320,9 @@ class Upstream:
             if match:
                 self.connector.retire_after(acquisition.protocol, float(match.group(1)))
 
-    def failed(self, target: TargetState) -> None:
-        """A connect, timeout, reset or protocol failure of `target`."""
+    def failed(self, target: TargetState, kind: str) -> None:
+        """A connect, timeout, reset or protocol failure of `target` (`kind`)."""
+        target.attempt_failures[kind] = target.attempt_failures.get(kind, 0) + 1
         if self.outlier.settings is not None:
             self.outlier.record(target, True, time.monotonic())
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 from multidict import CIMultiDict
 
 from proxy import headers
+from proxy.headers import to_upstream
 
 
 def upstream_headers(items, **kwargs):
@@ -30,9 +32,35 @@ def test_connection_listed_names_are_dropped_in_both_directions():
     assert list(to_client(items).items()) == [("X-Bar", "3")]
 
 
-def test_te_is_kept_only_as_trailers():
-    assert ("TE", "trailers") in upstream_headers([("Connection", "TE"), ("TE", "trailers")])
+def test_te_is_never_forwarded_not_even_trailers():
+    # The proxy drops trailers, so it must not say the client accepts them.
+    assert not [n for n, _ in upstream_headers([("Connection", "TE"), ("TE", "trailers")])
+                if n == "TE"]  # fmt: skip
     assert not [n for n, _ in upstream_headers([("TE", "gzip")]) if n == "TE"]
+
+
+def test_connection_cannot_remove_host():
+    got = upstream_headers([("Host", "h.test"), ("Connection", "Host, X-A"), ("X-A", "1")])
+    assert [v for n, v in got if n == "Host"] == ["h.test"]
+    assert "X-A" not in dict(got)
+
+
+def test_header_names_with_underscores_are_dropped_unless_allowed():
+    items = [("X_Forwarded_For", "6.6.6.6"), ("X-Real", "1"), ("my_header", "v")]
+    assert [n for n, _ in upstream_headers(items)] == [
+        "X-Real", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"
+    ]  # fmt: skip
+    allowed = to_upstream(
+        CIMultiDict(items), client_ip=None, scheme="http", host=None, underscores=True
+    )
+    assert allowed.getall("X_Forwarded_For") == ["6.6.6.6"]
+    assert allowed.getall("my_header") == ["v"]
+
+
+@pytest.mark.parametrize("name", ["Content-Length ", " X", "X:Y", "X\tY", "", "Ünï"])
+def test_a_response_header_name_that_is_not_a_token_is_refused(name):
+    with pytest.raises(ValueError):
+        to_client(CIMultiDict([(name, "5")]))
 
 
 def test_forwarded_for_chain_is_appended_and_others_set():

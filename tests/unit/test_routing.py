@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import Match, Route
-from proxy.routing import RoutingTable, forwarded_path, host_key
+from proxy.routing import RoutingTable, forwarded_path, host_key, normalized_path, valid_host
 
 
 def route(name: str, prefix: str, host: str | None = None, strip: bool = False) -> Route:
@@ -47,13 +47,60 @@ def test_first_matching_route_wins(host, path, expected):
         ("/api/", "/api/users?x=1", "/users?x=1"),
         ("/api", "/api", "/"),
         ("/api", "/api?x=%2F", "/?x=%2F"),
-        ("/api/", "/api/a%2Fb/../c", "/a%2Fb/../c"),
+        # A path with dot-segments is stripped in its normalised form (a rewrite).
+        ("/api/", "/api/a%2Fb/../c?q=/../", "/c?q=/../"),
+        ("/api/", "/x/../api/%2e/y", "/y"),
         ("/", "//x", "/x"),
     ],
 )
 def test_strip_prefix_keeps_a_leading_slash(prefix, raw, expected):
-    assert forwarded_path(route("r", prefix, strip=True), raw) == expected
+    path = normalized_path(raw)
+    assert path is not None
+    assert forwarded_path(route("r", prefix, strip=True), raw, path) == expected
 
 
-def test_without_strip_prefix_the_path_is_unchanged():
-    assert forwarded_path(route("r", "/api/"), "/api/a%2F") == "/api/a%2F"
+def test_without_strip_prefix_the_target_is_unchanged():
+    raw = "/api/a%2F/../b?x=.."
+    assert forwarded_path(route("r", "/api/"), raw, "/api/b") == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/a/b", "/a/b"),
+        ("/static/app.v1.js?x=/../", "/static/app.v1.js"),
+        ("/public/../internal/secret", "/internal/secret"),
+        ("/public/%2e%2e/internal/secret", "/internal/secret"),
+        ("/public/%2E./internal/x", "/internal/x"),
+        ("/a/./b/", "/a/b/"),
+        ("/a/b/..", "/a/"),
+        ("/a/b/.", "/a/b/"),
+        ("/a/.hidden/..x", "/a/.hidden/..x"),
+        ("/a/%2e%2f", "/a/.%2f"),  # only dots are decoded: %2f stays a character
+        ("/..", None),
+        ("/a/../../b", None),
+        ("/%2e%2e/etc/passwd", None),
+    ],
+)
+def test_routes_see_the_path_without_dot_segments(raw, expected):
+    assert normalized_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "valid"),
+    [
+        ("example.com", True),
+        ("example.com:8080", True),
+        ("127.0.0.1", True),
+        ("[::1]:8080", True),
+        ("h:", True),  # RFC 3986: port = *DIGIT
+        ("", False),
+        ("a b/c?d", False),
+        ("example.com:http", False),
+        ("user@example.com", False),
+        ("example.com/x", False),
+        ("[::1", False),
+    ],
+)
+def test_host_must_be_a_host_and_an_optional_numeric_port(host, valid):
+    assert valid_host(host) is valid
