@@ -1,6 +1,6 @@
-"""`python -m proxy.worker --config FILE --admin-socket PATH`: one worker process, started by the
+"""`python -m proxy.worker --config FILE --admin-socket NAME`: one worker process, started by the
 supervisor in workers.py (not a command for users). It serves the client port shared with the
-other workers (SO_REUSEPORT) and its admin app on PATH, for the supervisor only.
+other workers (SO_REUSEPORT) and its admin app on Unix socket NAME, for the supervisor only.
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ from proxy.config import ConfigError, load_config
 from proxy.server import StartupError, serve
 
 
+def unix_path(name: str) -> str:
+    """ "@name" is Linux's abstract socket "\\0name" (as `ss` shows it): a command line cannot
+    carry a NUL byte. An abstract socket has no file, so nothing is written to disk."""
+    return "\0" + name[1:] if name.startswith("@") else name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy.worker")
     parser.add_argument("--config", required=True)
-    parser.add_argument("--admin-socket", required=True)
+    parser.add_argument("--admin-socket", required=True, help="a path, or @name (abstract)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -27,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config)
-        asyncio.run(serve(config, args.config, admin_socket=args.admin_socket, reuse_port=True))
+        asyncio.run(
+            serve(config, args.config, admin_socket=unix_path(args.admin_socket), reuse_port=True)
+        )
     except (ConfigError, StartupError) as exc:
         print(f"proxy worker: {exc}", file=sys.stderr)
         return 1

@@ -1,10 +1,10 @@
 """`workers: N`: N worker processes share the client port (SO_REUSEPORT) under a supervisor that
-restarts a worker that dies, forwards SIGHUP and SIGTERM, and serves the admin listener: metrics
-merged across workers, /pools per worker, readiness of them all.
+reserves the port, restarts a worker that dies, forwards SIGTERM, reloads every worker, and serves
+the admin listener: metrics merged across workers, /pools per worker, readiness of them all.
 
-Each worker keeps its metrics in its own process and serves them on a private Unix socket; the
-supervisor merges the expositions when Prometheus scrapes, with each gauge aggregated by what it
-means. Knows nothing of requests.
+Each worker keeps its metrics in its own process and serves them on a private abstract Unix
+socket; the supervisor merges the expositions when Prometheus scrapes (Merger: totals that never
+go down, each gauge aggregated by what it means). Knows nothing of requests.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import contextlib
 import json
 import logging
 import os
-import shutil
+import secrets
 import signal
+import socket
 import sys
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -29,8 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from proxy.admin import healthz, reload_handler
-from proxy.config import Config, ConfigError, load_config
-from proxy.server import handle_signals, listen_on
+from proxy.config import Config
+from proxy.server import StartupError, handle_signals, listen_on
+from proxy.worker import unix_path
 
 
 def loop_time() -> float:
@@ -39,7 +41,8 @@ def loop_time() -> float:
 
 log = logging.getLogger("proxy")
 
-# Gauges that are not summed across workers. Counters and histograms are always summed.
+# Gauges that are not summed across workers. Every counter and histogram is summed: a reload
+# counts once per worker, as each worker applies (or rejects) the file on its own.
 GAUGE_AGGREGATION = {
     "proxy_upstream_pool_limit": max,  # each worker's pool has this limit
     "proxy_upstream_pool_limit_per_host": max,
@@ -49,31 +52,100 @@ GAUGE_AGGREGATION = {
     "proxy_config_hash": max,
     "proxy_config_last_reload_success_timestamp_seconds": min,  # the oldest config in force
 }
-# Counted by every worker for the same event: one reload of the file is one reload.
-SAME_EVENT_COUNTERS = {"proxy_config_reloads_total"}
+TOTALS = frozenset({"counter", "histogram", "summary"})  # families whose samples only grow
 RESTART_DELAY = 0.5  # s before a dead worker is started again
 MAX_RESTART_DELAY = 30.0  # the back-off for a worker that keeps dying right after it starts
+ASK_TIMEOUT = 5.0  # s for a worker to answer a scrape (Prometheus's default timeout is 10 s)
+RELOAD_TIMEOUT = 10.0  # s for a worker to apply a reload and answer
+
+Labels = tuple[tuple[str, str], ...]  # sorted
+Series = tuple[str, Labels]  # sample name, labels
+Values = dict[str, dict[Series, float]]  # family name -> series -> value
 
 
-def merge(expositions: Iterable[str]) -> list[Metric]:
-    """Metric families of several workers' expositions, merged into one."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
-    for text in expositions:
+class Answer(NamedTuple):
+    pid: int  # the worker process that answered
+    status: int
+    text: str
+
+
+class Merger:
+    """The workers' expositions merged into one, scrape after scrape, with totals that never go
+    down: Prometheus reads any decrease as a counter reset and counts the whole new value as
+    increase, so a sum that loses one worker's share shows as a false spike in rate().
+
+    Each worker's totals are kept as last seen. A worker that does not answer a scrape (down,
+    starting, or slow) counts with them. A worker replaced by a new process (another pid) has
+    them folded into `baseline`, which is added from then on. What a worker counted after the
+    last scrape before it died is lost, as with one process; the sum still never goes down.
+    Gauges come only from the workers that answered: a dead worker has no connections, and a
+    slow one's last reading is a guess either way.
+    """
+
+    def __init__(self) -> None:
+        self.families: dict[str, tuple[str, str]] = {}  # name -> (help, type), as last seen
+        self.seen: dict[int, tuple[int, Values]] = {}  # worker index -> (pid, its totals)
+        self.baseline: Values = {}  # the last totals of the processes replaced
+
+    def merge(self, answers: Sequence[tuple[int, str] | None]) -> list[Metric]:
+        """`answers[i]` is worker i's (pid, exposition), or None if it did not answer."""
+        gauges: dict[str, dict[Series, list[float]]] = {}
+        for index, answer in enumerate(answers):
+            if answer is not None:
+                self._take(index, *answer, gauges)
+        merged = []
+        for name, (documentation, kind) in self.families.items():
+            if kind in TOTALS:
+                values = self._totals(name)
+            else:
+                how = GAUGE_AGGREGATION.get(name, sum)
+                values = {series: how(found) for series, found in gauges.get(name, {}).items()}
+            if values:
+                metric = Metric(name, documentation, kind)
+                for (sample, labels), value in sorted(values.items(), key=_exposition_order):
+                    metric.add_sample(sample, dict(labels), value)
+                merged.append(metric)
+        return merged
+
+    def _take(
+        self, index: int, pid: int, text: str, gauges: dict[str, dict[Series, list[float]]]
+    ) -> None:
+        totals: Values = {}
         for family in text_string_to_metric_families(text):
-            families.setdefault(family.name, Metric(family.name, family.documentation,
-                                                    family.type))  # fmt: skip
-            samples = values.setdefault(family.name, {})
+            self.families[family.name] = (family.documentation, family.type)
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                samples.setdefault(key, []).append(sample.value)
-    for name, metric in families.items():
-        for (sample_name, labels), found in values[name].items():
-            how = GAUGE_AGGREGATION.get(name, sum) if metric.type == "gauge" else sum
-            if sample_name in SAME_EVENT_COUNTERS:
-                how = max
-            metric.add_sample(sample_name, dict(labels), how(found))
-    return list(families.values())
+                series = (sample.name, tuple(sorted(sample.labels.items())))
+                if family.type in TOTALS:
+                    totals.setdefault(family.name, {})[series] = sample.value
+                else:
+                    gauges.setdefault(family.name, {}).setdefault(series, []).append(sample.value)
+        last_pid, last = self.seen.get(index, (pid, {}))
+        for name, values in last.items():
+            now = totals.setdefault(name, {})
+            for series, value in values.items():
+                # A new process starts from 0. So does a series in the same process that went
+                # down: an upstream replaced by a reload has a new pool, counting from 0.
+                if pid != last_pid or now.get(series, value) < value:
+                    base = self.baseline.setdefault(name, {})
+                    base[series] = base.get(series, 0.0) + value
+                elif series not in now:
+                    now[series] = value  # gone (its upstream removed): it stays where it was
+        self.seen[index] = (pid, totals)
+
+    def _totals(self, name: str) -> dict[Series, float]:
+        values = dict(self.baseline.get(name, {}))
+        for _, totals in self.seen.values():
+            for series, value in totals.get(name, {}).items():
+                values[series] = values.get(series, 0.0) + value
+        return values
+
+
+def _exposition_order(item: tuple[Series, float]) -> tuple[Labels, str, float]:
+    """Each label set's samples together, histogram buckets by bound (exposition formats want
+    them so), then _count and _sum."""
+    (sample, labels), _ = item
+    le = dict(labels).get("le")
+    return tuple(pair for pair in labels if pair[0] != "le"), sample, float(le or 0)
 
 
 class _Merged(Collector):
@@ -84,6 +156,33 @@ class _Merged(Collector):
         return self.metrics
 
 
+def reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Bind, without listening, a SO_REUSEPORT socket on each address of host:port, as the
+    workers will: a port taken by another process (or any bind error) fails here, once, with
+    the line single-process mode prints, instead of in every worker for ever. Held for the
+    supervisor's lifetime, the port stays the proxy's while workers restart. The kernel hands
+    connections to listening sockets only, so this one takes none (probed on Linux 6.x).
+    No SO_REUSEADDR: with it, another process's SO_REUSEADDR socket could bind beside it."""
+    sockets: list[socket.socket] = []
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+            "free the port or change listen.port in the config"
+        ) from None
+    return sockets
+
+
 class Supervisor:
     def __init__(self, config: Config, config_path: str, count: int) -> None:
         self.config = config
@@ -91,18 +190,20 @@ class Supervisor:
         self.count = count
         self.state = "starting"
         self.restarts = 0
-        self._dir = tempfile.mkdtemp(prefix="proxy-workers-")
+        self.merger = Merger()
+        # Abstract sockets: no file, so a read-only root filesystem is fine. Their names are
+        # shared by the network namespace (a pod's containers), hence the random part.
+        token = secrets.token_hex(4)
+        self.sockets = [f"@proxy-{os.getpid()}-{token}-worker-{i}" for i in range(count)]
         self._procs: dict[int, asyncio.subprocess.Process] = {}
-
-    def socket(self, index: int) -> str:
-        return os.path.join(self._dir, f"worker-{index}.sock")
+        self._failed_first: set[int] = set()  # workers whose first process exited with 1
+        self._scraping = asyncio.Lock()
+        self._stopping = asyncio.Event()
 
     async def _spawn(self, index: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket(index))
         self._procs[index] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.worker", "--config", self.config_path,
-            "--admin-socket", self.socket(index),
+            "--admin-socket", self.sockets[index],
             # A session of its own: signals sent to the supervisor's process group (Ctrl-C,
             # `timeout`) reach the workers only through the supervisor, once. Twice would mean
             # "exit at once" to a draining worker.
@@ -113,11 +214,20 @@ class Supervisor:
     async def _watch(self, index: int) -> None:
         """Start worker `index` again whenever it dies, until the supervisor stops."""
         delay = RESTART_DELAY
+        first = True
         while self.state != "draining":
             started = loop_time()
             code = await self._procs[index].wait()
             if self.state == "draining":
                 return
+            if first and code == 1:
+                self._failed_first.add(index)
+            if len(self._failed_first) == self.count:
+                # Not one worker could start (each says why above): nothing will change that.
+                log.error("every worker exited with 1 at its first start: stopping")
+                self._drain()
+                return
+            first = False
             self.restarts += 1
             # One that dies at once (its port taken, say) is retried less and less often.
             delay = (
@@ -129,19 +239,24 @@ class Supervisor:
             if self.state != "draining":
                 await self._spawn(index)
 
-    async def _ask(self, index: int, path: str, accept: str = "") -> tuple[int, str]:
-        connector = aiohttp.UnixConnector(path=self.socket(index))
-        async with aiohttp.ClientSession(connector=connector) as session:
-            headers = {"Accept": accept} if accept else {}
-            async with session.get(f"http://worker{path}", headers=headers) as response:
-                return response.status, await response.text()
+    async def _ask(self, index: int, path: str, method: str) -> Answer:
+        connector = aiohttp.UnixConnector(path=unix_path(self.sockets[index]))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.request(method, f"http://worker{path}") as response,
+        ):
+            text = await response.text()
+            # Read with no await since the answer came: no restart can come in between.
+            return Answer(self._procs[index].pid, response.status, text)
 
-    async def _ask_all(self, path: str) -> list[tuple[int, str] | None]:
-        async def one(index: int) -> tuple[int, str] | None:
+    async def _ask_all(
+        self, path: str, method: str = "GET", within: float = ASK_TIMEOUT
+    ) -> list[Answer | None]:
+        async def one(index: int) -> Answer | None:
             try:
-                return await asyncio.wait_for(self._ask(index, path), 5)
+                return await asyncio.wait_for(self._ask(index, path, method), within)
             except (aiohttp.ClientError, OSError, TimeoutError):
-                return None  # starting, restarting or stopping
+                return None  # starting, restarting, stopping, or too slow
 
         return await asyncio.gather(*(one(i) for i in range(self.count)))
 
@@ -151,30 +266,43 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signum)
 
+    def _drain(self) -> None:
+        self.state = "draining"
+        self._signal_all(signal.SIGTERM)
+        self._stopping.set()
+
     async def reload(self) -> tuple[bool, str]:
-        """Have every worker reload the file (SIGHUP; each applies or rejects it, and counts
-        it), and check it here too, to answer POST /reload with the result."""
-        self._signal_all(signal.SIGHUP)
-        try:
-            load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload rejected, still serving the previous config: %s", exc)
-            return False, str(exc)
-        return True, f"reload sent to {self.count} workers"
+        """POST /reload to every worker, for POST /reload here and SIGHUP: applied only if each
+        worker applied it; one line per worker says what it did. The workers check the file,
+        so the supervisor does not. A worker that is down reads the file when it starts."""
+        answers = await self._ask_all("/reload", "POST", RELOAD_TIMEOUT)
+        lines = [
+            f"worker {i} (pid {a.pid}): {a.text.strip()}"
+            if a is not None
+            else f"worker {i}: down or not answering, not reloaded"
+            for i, a in enumerate(answers)
+        ]
+        applied = all(a is not None and a.status == 200 for a in answers)
+        for line in lines:
+            log.log(logging.INFO if applied else logging.ERROR, "reload: %s", line)
+        return applied, "\n".join(lines)
 
     def admin_app(self) -> web.Application:
         async def readyz(request: web.Request) -> web.Response:
             answers = await self._ask_all("/readyz") if self.state == "serving" else []
-            ready = bool(answers) and all(a is not None and a[0] == 200 for a in answers)
+            ready = bool(answers) and all(a is not None and a.status == 200 for a in answers)
             text = self.state
             if self.state == "serving" and not ready:
                 text = "starting"  # a worker is starting, or starting again
             return web.Response(status=200 if ready else 503, text=text + "\n")
 
         async def metrics(request: web.Request) -> web.Response:
-            texts = [a[1] for a in await self._ask_all("/metrics") if a is not None]
+            # One scrape at a time: the Merger must see each worker's answers in order.
+            async with self._scraping:
+                answers = await self._ask_all("/metrics")
+                merged = self.merger.merge([(a.pid, a.text) if a else None for a in answers])
             registry = CollectorRegistry()
-            registry.register(_Merged([*merge(texts), *self._own_metrics()]))
+            registry.register(_Merged([*merged, *self._own_metrics()]))
             encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
             return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
@@ -182,7 +310,7 @@ class Supervisor:
             answers = await self._ask_all("/pools")
             workers = [
                 {"worker": i, "pid": self._procs[i].pid if i in self._procs else None,
-                 **(json.loads(a[1]) if a is not None else {"upstreams": None})}
+                 **(json.loads(a.text) if a is not None else {"upstreams": None})}
                 for i, a in enumerate(answers)
             ]  # fmt: skip
             return web.json_response({"workers": workers})
@@ -204,36 +332,49 @@ class Supervisor:
         ]
 
     async def run(self) -> int:
+        listen = self.config.listen
+        reserved = reserve_port(listen.host, listen.port)
         runner = web.AppRunner(self.admin_app(), access_log=None)
-        await runner.setup()
-        await listen_on(runner, self.config.admin.host, self.config.admin.port, "admin")
-        for index in range(self.count):
-            await self._spawn(index)
-        watchers = [asyncio.create_task(self._watch(i)) for i in range(self.count)]
-        self.state = "serving"
-        log.info("supervisor: %d workers on %s:%d, admin on http://%s:%d", self.count,
-                 self.config.listen.host, self.config.listen.port, self.config.admin.host,
-                 self.config.admin.port)  # fmt: skip
+        try:
+            await runner.setup()
+            await listen_on(runner, self.config.admin.host, self.config.admin.port, "admin")
+            return await self._serve(runner)
+        finally:
+            for sock in reserved:
+                sock.close()
 
+    async def _serve(self, runner: web.AppRunner) -> int:
         def drain(name: str) -> None:
-            self.state = "draining"
             log.info("%s: the workers drain, then exit", name)
-            self._signal_all(signal.SIGTERM)
+            self._drain()
 
         def kill_now(name: str) -> None:
             log.warning("second %s: stopping the workers now", name)
             self._signal_all(signal.SIGKILL)
             os._exit(1)
 
-        await handle_signals(self.reload, drain, kill_now).wait()
+        signals = handle_signals(self.reload, drain, kill_now)
+        for index in range(self.count):
+            if self.state == "draining":
+                break  # a signal came while the workers were starting
+            await self._spawn(index)
+        watchers = [asyncio.create_task(self._watch(i)) for i in self._procs]
+        if self.state == "starting":
+            self.state = "serving"
+        log.info("supervisor: %d workers on %s:%d, admin on http://%s:%d", self.count,
+                 self.config.listen.host, self.config.listen.port, self.config.admin.host,
+                 self.config.admin.port)  # fmt: skip
+
+        await self._stopping.wait()
+        signals.set()  # a signal from now on stops the workers at once
         codes = await asyncio.gather(*(p.wait() for p in self._procs.values()))
         for watcher in watchers:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         await runner.cleanup()
-        shutil.rmtree(self._dir, ignore_errors=True)
         log.info("stopped (workers exited with %s)", codes)
-        return 0 if all(code == 0 for code in codes) else 1
+        failed = len(self._failed_first) == self.count
+        return 0 if not failed and all(code == 0 for code in codes) else 1
 
 
 def supervise(config: Config, config_path: str) -> int:
