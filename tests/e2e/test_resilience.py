@@ -80,6 +80,29 @@ async def test_stale_keepalive_never_reaches_a_client(backend, proxy, fault):
         assert stale > 0  # detected and recovered from
 
 
+async def test_get_after_five_idle_connections_went_stale_together_succeeds(backend, proxy):
+    # bench/stale.py's "GET after 5 concurrent", which failed 99/100 before the fix (ef3180c):
+    # the retry of a GET that met a stale connection took the next idle one, stale like the
+    # first. Closing on reuse is the race at its worst moment, every time: an idle timer
+    # (closes_idle_after) is seen by the proxy before the next GET and never reproduces it.
+    origin = await backend(closes_on_reuse(OK))
+    server = await proxy(config_dict({"app": upstream(origin.url)}))
+    port = server.proxy_address[1]
+    rounds = 50
+    five_failed = after_five_failed = 0
+    for _ in range(rounds):
+        five = await fetch(port, 5, concurrency=5)  # leaves five idle connections, all stale
+        five_failed += sum(status != 200 for status, _ in five)
+        after_five_failed += (await fetch(port, 1))[0][0] != 200
+    assert (after_five_failed, five_failed) == (0, 0), (
+        f"GET after five stale connections: {after_five_failed}/{rounds} failed; "
+        f"the five themselves: {five_failed}/{5 * rounds}"
+    )
+    assert origin.max_open >= 5
+    # Each GET after five met a stale connection and recovered: the race was run every round.
+    assert (await pools(server))["app"]["stale_connections"] >= rounds
+
+
 async def test_post_on_a_stale_connection_gets_502_and_is_never_replayed(backend, proxy):
     origin = await backend(closes_on_reuse(OK))
     server = await proxy(config_dict({"app": upstream(origin.url)}))
