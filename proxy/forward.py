@@ -155,10 +155,13 @@ class Forwarder:
             if max_body and length is None:  # chunked: counted as it streams
                 body = _at_most(request.content, max_body)
 
-        out_headers = hdrs.to_upstream(
-            request.headers, client_ip=request.remote, scheme=self._scheme, host=host,
-            underscores=self._underscores,
-        )  # fmt: skip
+        try:
+            out_headers = hdrs.to_upstream(
+                request.headers, client_ip=request.remote, scheme=self._scheme, host=host,
+                underscores=self._underscores,
+            )  # fmt: skip
+        except ValueError:
+            return _answer(exchange, 400, "header values must be UTF-8 text")
         if absolute and host is not None:
             out_headers["Host"] = host
         upstream.in_flight += 1
@@ -260,7 +263,11 @@ class Forwarder:
                     assert response is not None
                     return _failed(exchange, CLIENT_ABORT, response)
                 except ValueError as exc:  # a response no client should get
-                    upstream_response.close()  # and a connection no request should reuse
+                    # ...and a connection no request should reuse: aiohttp may have pooled it
+                    # already (a body-less response is complete with its head).
+                    upstream_response.close()
+                    if acquisition.protocol is not None:
+                        acquisition.protocol.close()
                     upstream.failed(target, UNFORWARDABLE.kind)
                     _log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
                     exchange.error = UNFORWARDABLE.kind
@@ -290,9 +297,10 @@ class Forwarder:
             if acquisition.queued:  # the connect timeout ran out while waiting for a slot
                 exchange.error = "timeout"
                 return _answer(exchange, 503, "no upstream connection free in time", busy=True)
-            failure = classify(exc)
-            upstream.failed(target, failure.kind)
-            return Attempted(failure, phase(exc), acquisition.reused, exc, url)
+            failure, reached = classify(exc), phase(exc)
+            # Per attempt, a connect timeout is a connect failure: the target never answered.
+            upstream.failed(target, "connect" if reached == "connect" else failure.kind)
+            return Attempted(failure, reached, acquisition.reused, exc, url)
         finally:
             target.in_flight -= 1
             exchange.pool_wait += acquisition.waited

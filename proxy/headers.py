@@ -70,6 +70,11 @@ def _end_to_end(
             # CGI and WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to one
             # variable: a client could forge the proxy's own headers (nginx drops them too).
             continue
+        if not value.isascii():
+            # aiohttp's parser keeps bytes that are not UTF-8 as surrogates, and its writer
+            # then drops them: a value would change silently. Refuse it instead
+            # (UnicodeEncodeError is a ValueError: 400 from a client, 502 from an upstream).
+            value.encode()
         if same_spelling:
             # aiohttp's ClientSession._prepare_headers (3.14.5) tracks names case-sensitively,
             # so "x-a" after "X-A" would replace every earlier value. Names are
@@ -91,7 +96,8 @@ def to_upstream(
     underscores: bool = False,
 ) -> CIMultiDict[str]:
     """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*.
-    Names with "_" are dropped unless `underscores` (listen.allow_underscores_in_headers)."""
+    Names with "_" are dropped unless `underscores` (listen.allow_underscores_in_headers).
+    Raises ValueError for a value that was not UTF-8 (it could not be sent as it came)."""
     out = _end_to_end(headers, _DROP_TO_UPSTREAM, same_spelling=True, underscores=underscores)
     chain = headers.getall("X-Forwarded-For", [])
     if client_ip:
@@ -106,7 +112,7 @@ def to_upstream(
 
 def to_client(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """Response headers as sent to the client: every end-to-end header, in order.
-    Raises ValueError for a field name that is not a token (the upstream's response is bad)."""
+    Raises ValueError for a field name that is not a token, or a value that was not UTF-8."""
     for name in headers:
         if _FIELD_NAME.fullmatch(name) is None:
             raise ValueError(f"invalid header name {name!r}")

@@ -24,8 +24,10 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("proxy")
@@ -86,9 +88,11 @@ class _ProxyRequestHandler(RequestHandler):
         self._deadlines = manager.deadlines
         self._head_started: float | None = None  # a request head is being read since then
         self._line_seen = False  # that head's request line is complete
+        self._line_bytes = 0  # that request line's length so far
         self._last_read = 0.0
         self._write_paused_at: float | None = None
         self._body_expired: web.BaseRequest | None = None
+        self._payload: StreamReader | None = None  # the body of the last request parsed
         self._timer: asyncio.TimerHandle | None = None
 
     # -- events that start or end a phase --
@@ -111,16 +115,24 @@ class _ProxyRequestHandler(RequestHandler):
             # The first byte of the next head on a kept-alive connection (nginx's
             # client_header_timeout starts here; until then keepalive_timeout applies).
             self._head_started = now
-            self._line_seen = False
             self._arm(now + self._deadlines.header)
-        if not self._line_seen and b"\n" in data:
-            self._line_seen = True
+        if not self._line_seen:
+            end = data.find(b"\n")
+            self._line_seen = end != -1
+            self._line_bytes += len(data) if end == -1 else end
         requests = self._request_count
         super().data_received(data)
         if self._request_count != requests:  # a head is complete: its body, if any, is next
             self._head_started = None
-            if isinstance(self._messages[-1][0], RawRequestMessage):
-                self._line_seen = False  # else handle_error still needs it
+            message, payload = self._messages[-1]
+            if isinstance(message, RawRequestMessage):
+                self._line_seen, self._line_bytes = False, 0  # else handle_error needs them
+                self._payload = payload
+            elif self._payload is not None and not self._payload.is_eof():
+                # A parse error inside the body being read (a bad chunk size): aiohttp queues
+                # it as the next request's error and leaves this body waiting for ever. The
+                # body is the one that failed: its reader (the forwarder) must learn it.
+                self._payload.set_exception(getattr(message, "exc", None) or BadHttpMessage(""))
             self._arm(now + self._deadlines.body)
 
     def pause_writing(self) -> None:
@@ -200,13 +212,6 @@ class _ProxyRequestHandler(RequestHandler):
 
     # -- responses --
 
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        if not self._deadlines.keepalive:
-            resp.force_close()  # listen.keepalive_timeout 0: "Connection: close" every time
-        return await super().finish_response(request, resp, start_time)
-
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -216,7 +221,7 @@ class _ProxyRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
-        status = _status_for_parse_error(exc, self._line_seen)
+        status = _status_for_parse_error(exc, self._line_bytes > self.max_line_size)
         log.info("rejected malformed request from %s: %s", request.remote, exc.message)
         self._server.on_rejected(request.remote, status)
         if request.writer.output_size > 0:
@@ -232,12 +237,12 @@ _PARSE_ERROR_DETAIL = {
 }
 
 
-def _status_for_parse_error(exc: HttpProcessingError, line_seen: bool) -> int:
+def _status_for_parse_error(exc: HttpProcessingError, long_line: bool) -> int:
     # aiohttp's parser raises LineTooLong both for a long request line and for a long header
     # line, and BadHttpMessage for too many headers: which one it was is told by whether the
-    # request line had ended before the error.
+    # request line itself was over the limit.
     if isinstance(exc, LineTooLong):
-        return 431 if line_seen else 414
+        return 414 if long_line else 431
     if isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message:
         return 431
     return 400
@@ -258,6 +263,8 @@ class ProxyHTTPServer(web.Server):
         on_rejected: Callable[[str | None, int], None] = lambda client, status: None,
         **kwargs: Any,
     ) -> None:
+        if not deadlines.keepalive:
+            kwargs["request_factory"] = self._request_without_keepalive
         super().__init__(handler, **kwargs)
         self.deadlines = deadlines
         self.on_rejected = on_rejected
@@ -267,6 +274,19 @@ class ProxyHTTPServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def _request_without_keepalive(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        # listen.keepalive_timeout 0 (aiohttp would then keep idle connections for ever): every
+        # request is the connection's last, so its response says "Connection: close".
+        closing = message._replace(should_close=True)
+        return web.BaseRequest(closing, payload, protocol, writer, task, self._loop)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

@@ -25,6 +25,7 @@ from proxy.admin import admin_app
 from proxy.config import Config, ConfigError, load_config
 from proxy.exchange import Exchange
 from proxy.forward import Forwarder, Snapshot
+from proxy.internals import AiohttpMoved, check_aiohttp
 from proxy.listener import Deadlines, ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.reload import describe_changes
@@ -39,14 +40,23 @@ class StartupError(Exception):
     """The proxy could not start (a port in use, say); the message says what to do."""
 
 
-def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapshot:
+async def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapshot:
     """The routing table and one Upstream per configured upstream. Upstreams of `keep` whose
-    settings did not change are taken over as they are, with their warm connections."""
-    upstreams = {}
-    for name, settings in config.upstreams.items():
-        current = keep.upstreams.get(name) if keep is not None else None
-        same = current is not None and current.settings == settings
-        upstreams[name] = current if same and current is not None else Upstream(name, settings)
+    settings did not change are taken over as they are, with their warm connections. If one
+    cannot be built (a certificate file unreadable, say), those built so far are closed."""
+    upstreams: dict[str, Upstream] = {}
+    built: list[Upstream] = []
+    try:
+        for name, settings in config.upstreams.items():
+            current = keep.upstreams.get(name) if keep is not None else None
+            if current is not None and current.settings == settings:
+                upstreams[name] = current
+            else:
+                upstreams[name] = Upstream(name, settings)
+                built.append(upstreams[name])
+    except BaseException:
+        await asyncio.gather(*(upstream.aclose() for upstream in built))
+        raise
     return Snapshot(routes=RoutingTable(config.routes), upstreams=upstreams)
 
 
@@ -123,6 +133,10 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Admin first, so /readyz answers 503 while the data plane comes up."""
+        try:
+            await check_aiohttp()
+        except AiohttpMoved as exc:
+            raise StartupError(str(exc)) from None
         config = self.config
         self._admin_runner = web.AppRunner(
             admin_app(lambda: self.state, self.metrics.registry, self.current, self.reload),
@@ -137,7 +151,7 @@ class ProxyServer:
         tls = server_context(config.listen.tls) if config.listen.tls is not None else None
         if self.access_log is not None:
             self.access_log.start()
-        self._snapshot = build_snapshot(config)
+        self._snapshot = await build_snapshot(config)
         self._snapshot.start()
         listen = config.listen
         server = ProxyHTTPServer(
@@ -198,7 +212,7 @@ class ProxyServer:
                 return False, "no config file to reload"
             try:
                 new = load_config(self.config_path)
-                snapshot = build_snapshot(new, keep=self._snapshot)
+                snapshot = await build_snapshot(new, keep=self._snapshot)
             except ConfigError as exc:
                 self.metrics.reloads["failure"] += 1
                 log.error("reload rejected, still serving the previous config: %s", exc)

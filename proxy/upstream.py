@@ -215,7 +215,9 @@ class PoolConnector(aiohttp.TCPConnector):
         pool state (`_acquired`, `_conns`), read at scrape time, never per request."""
         stats: dict[tuple[str, int | None], list[int]] = {}
         for protocol in getattr(self, "_acquired", ()):
-            target = self._target_of.get(protocol)  # None for a connection still being made
+            if not isinstance(protocol, ResponseHandler):
+                continue  # aiohttp's placeholder for a connection still being made
+            target = self._target_of.get(protocol)
             if target is not None:
                 stats.setdefault(target, [0, 0])[0] += 1
         for key, idle in getattr(self, "_conns", {}).items():

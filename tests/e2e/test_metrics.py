@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
 from proxy.server import ProxyServer
+from proxy.upstream import PoolConnector
 from tests.support import (
     RawClient,
     admin_get,
@@ -220,29 +221,28 @@ async def test_openmetrics_is_served_when_the_scraper_asks_for_it(backend, proxy
     assert "proxy_upstream_connections_created_total" in text
 
 
-def test_pool_connector_hooks_exist():
-    """PoolConnector overrides and reads aiohttp internals: if a release moves them, the
-    pool metrics would silently read zero. Fail loudly here instead."""
-    from aiohttp.connector import BaseConnector
+async def test_the_aiohttp_internals_the_proxy_relies_on_are_there():
+    """listener.py and upstream.py override or read aiohttp internals: if a release moves one,
+    the proxy refuses to start (a pool gauge stuck at 0 or a lost retry switch would be silent)."""
+    from proxy.internals import check_aiohttp
 
-    from proxy.upstream import PoolConnector
+    await check_aiohttp()
+    connector = PoolConnector()
+    session = aiohttp.ClientSession(connector=connector)
+    try:
+        # aiohttp's own silent retry, which Upstream switches off (retries are the proxy's)
+        assert session._retry_connection is True
+    finally:
+        await session.close()
 
-    assert callable(BaseConnector._wait_for_available_connection)
-    assert callable(BaseConnector._get)
-    assert callable(aiohttp.TCPConnector._create_connection)
 
-    async def make() -> None:
-        connector = PoolConnector()
-        session = aiohttp.ClientSession(connector=connector)
-        try:
-            assert isinstance(connector._acquired, set)
-            assert isinstance(connector._conns, dict)
-            # aiohttp's own silent retry, which Upstream switches off (retries are the proxy's)
-            assert session._retry_connection is True
-        finally:
-            await session.close()
+async def test_a_moved_aiohttp_internal_stops_start_up_naming_the_version():
+    from proxy.internals import AiohttpMoved, check_aiohttp
 
-    asyncio.run(make())
+    table = (("TCPConnector", aiohttp.TCPConnector, ("_create_connection", "_renamed_in_4")),)
+    with pytest.raises(AiohttpMoved, match=rf"aiohttp {aiohttp.__version__} lacks "
+                       r"TCPConnector\._renamed_in_4"):  # fmt: skip
+        await check_aiohttp(table)
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])

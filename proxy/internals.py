@@ -1,0 +1,79 @@
+"""Every private aiohttp name the proxy leans on, in one table, checked once at start-up.
+
+listener.py and upstream.py override or read these (each says why). A release that renames
+one would otherwise fail silently: a pool gauge stuck at zero, aiohttp's hidden retry back on,
+a deadline that never fires. Checked against aiohttp 3.14.5 (pyproject pins ~=3.14.0).
+Knows nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import BaseConnector
+from aiohttp.web_protocol import RequestHandler
+
+# (what, where to look, the names that must be there). Slots and methods are class attributes;
+# attributes set in __init__ are looked up on an instance made for the check.
+_CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
+    ("BaseConnector", BaseConnector,
+     ("_wait_for_available_connection", "_get", "_release")),
+    ("TCPConnector", aiohttp.TCPConnector, ("_create_connection",)),
+    ("RequestHandler", RequestHandler,
+     ("handle_error", "finish_response", "data_received", "pause_writing", "resume_writing",
+      "_current_request", "_request_in_progress", "_waiter", "_request_count", "_messages",
+      "_reading_paused", "_keepalive_timeout", "_loop")),
+    ("StreamResponse", web.StreamResponse,
+     ("_prepare_headers", "_send_headers_immediately")),
+)  # fmt: skip
+_INSTANCE_NAMES = {
+    "TCPConnector": ("_factory", "_acquired", "_conns"),
+    "ClientSession": ("_retry_connection",),
+    "ResponseHandler": ("_buffer", "_tail"),
+    "web.Server": ("_kwargs", "_loop"),
+}
+
+
+class AiohttpMoved(RuntimeError):
+    """An aiohttp internal the proxy relies on is not where it was."""
+
+
+async def check_aiohttp(
+    class_names: tuple[tuple[str, type, tuple[str, ...]], ...] = _CLASS_NAMES,
+) -> None:
+    """Raise AiohttpMoved naming every missing internal and the aiohttp version."""
+    missing = [
+        f"{owner}.{name}"
+        for owner, cls, names in class_names
+        for name in names
+        if not hasattr(cls, name)
+    ]
+    connector = aiohttp.TCPConnector()
+    session = aiohttp.ClientSession(connector=connector)
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()  # pragma: no cover - never called
+
+    instances = {
+        "TCPConnector": connector,
+        "ClientSession": session,
+        "ResponseHandler": ResponseHandler(asyncio.get_running_loop()),
+        "web.Server": web.Server(handler),
+    }
+    try:
+        missing += [
+            f"{owner}.{name}"
+            for owner, names in _INSTANCE_NAMES.items()
+            for name in names
+            if not hasattr(instances[owner], name)
+        ]
+    finally:
+        await session.close()
+    if missing:
+        raise AiohttpMoved(
+            f"aiohttp {aiohttp.__version__} lacks {', '.join(missing)}, which this proxy was "
+            "built against (aiohttp 3.14.5): install aiohttp~=3.14.0 as pyproject.toml says"
+        )
