@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import resource
 import socket
@@ -15,10 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import parse_config
 from proxy.server import ProxyServer
 from tests.support import (
     REPO,
@@ -585,3 +588,52 @@ async def wait_until_ready(proc: asyncio.subprocess.Process, admin_port: int) ->
         return False
 
     await eventually(ready, within=15)
+
+
+# --- reloads and bugs -------------------------------------------------------------------------
+
+
+def open_sessions() -> int:
+    """ClientSessions alive and not closed, referenced or not (a log record may hold one)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed)
+
+
+async def test_a_reload_that_fails_building_upstreams_closes_those_it_built(backend, tmp_path):
+    origin = await backend(answering(echo_path))
+    config = config_dict({"api": upstream(origin.url)})
+    path = write_config(tmp_path / "config.yaml", config)
+    server = ProxyServer(parse_config(config), config_path=path, shutdown_grace=1)
+    await server.start()
+    try:
+        broken = config_dict({
+            "api": upstream(origin.url, pool={"limit": 7}),  # changed: built anew
+            "secure": upstream("https://127.0.0.1:1", tls={"ca_file": str(tmp_path / "none")}),
+        })  # fmt: skip
+        write_config(path, broken)
+        open_before = open_sessions()
+        applied, message = await server.reload()
+        assert not applied
+        assert "upstreams.secure.tls.ca_file" in message
+        assert open_sessions() == open_before  # "api" was built anew, then closed
+        client = await RawClient.connect(server.proxy_address[1])
+        assert (await client.request(get("/still"))).body == b"/still"
+        await client.close()
+    finally:
+        await server.stop()
+
+
+async def test_an_unexpected_error_in_the_proxy_is_a_counted_500(backend, proxy, monkeypatch):
+    from proxy import forward
+
+    def broken(target: str) -> str:
+        raise RuntimeError("a bug")
+
+    _, server, port = await served(backend, proxy)
+    monkeypatch.setattr(forward, "normalized_path", broken)  # our code, not aiohttp's
+    client = await RawClient.connect(port)
+    answer = await client.request(get("/bug"))
+    await client.close()
+    assert answer.status == 500
+    requests = "proxy_requests_total"
+    assert await metric(server, requests, code="500") == 1

@@ -204,12 +204,65 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "upstreams.api.outlier: unknown key 'ejection_tme' "
             "(known: consecutive_failures, ejection_time)",
         ),
+        (
+            "listen.timeouts.header",
+            0,
+            "listen.timeouts.header: must be a number of seconds > 0, got 0",
+        ),
+        (
+            "listen.limits.max_connections",
+            0,
+            "listen.limits.max_connections: must be an integer >= 1, got 0",
+        ),
+        ("listen.limits.max_body", -1, "listen.limits.max_body: must be an integer >= 0, got -1"),
+        (
+            "listen.allow_underscores_in_headers",
+            "yes",
+            "listen.allow_underscores_in_headers: must be true or false, got 'yes'",
+        ),
+        ("routes[0].max_body", 1.5, "routes[0].max_body: must be an integer >= 0, got 1.5"),
     ],
 )
 def test_each_bad_value_names_its_key_path(path, value, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(with_change(path, value))
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"listen": {"port": 9901}},
+            "admin.port: must differ from listen.port on the same host, got 9901",
+        ),
+        (
+            {"listen": {"host": "127.0.0.1", "port": 8080}, "admin": {"host": "0.0.0.0",
+                                                                  "port": 8080}},
+            "admin.port: must differ from listen.port on the same host, got 8080",
+        ),
+        (
+            {"upstreams": {"api": {"targets": ["http://127.0.0.1:1"],
+                                   "pool": {"limit": 2, "limit_per_host": 3}}}},
+            "upstreams.api.pool.limit_per_host: must be <= pool.limit (2) when the limit is "
+            "set, got 3",
+        ),
+    ],
+)  # fmt: skip
+def test_keys_that_contradict_each_other_are_rejected(changes, message):
+    data = {**copy.deepcopy(BASE), **changes}
+    data["routes"] = [{"match": {"path_prefix": "/"}, "upstream": "api"}]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value) == message
+
+
+def test_same_port_on_different_hosts_and_unlimited_pools_are_fine():
+    data = copy.deepcopy(BASE)
+    data["listen"] = {"host": "127.0.0.1", "port": 9000}
+    data["admin"] = {"host": "127.0.0.2", "port": 9000}
+    data["upstreams"]["api"]["pool"] = {"limit": 0, "limit_per_host": 5}
+    parse_config(data)
 
 
 def test_first_error_in_file_order_is_reported():
