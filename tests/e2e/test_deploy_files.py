@@ -31,8 +31,8 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_kubernetes_manifests_pass_schema_validation():
-    manifests = sorted(p for p in K8S.glob("*.yaml") if p.name != "servicemonitor.yaml")
-    assert len(manifests) == 5
+    manifests = sorted(p for p in K8S.glob("*.yaml") if p.name != "podmonitor.yaml")
+    assert len(manifests) == 6
     result = subprocess.run(
         [tool("kubernetes-validate"), "--strict", *map(str, manifests)],
         capture_output=True,
@@ -40,24 +40,37 @@ def test_kubernetes_manifests_pass_schema_validation():
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" passed for resource ") == 5
+    assert result.stdout.count(" passed for resource ") == 6
 
 
 def load(name: str) -> dict:
     return yaml.safe_load((K8S / name).read_text())
 
 
-def test_servicemonitor_scrapes_the_services_admin_port():
-    # A Prometheus Operator CRD: no schema in kubernetes-validate, so checked against the
-    # Service it selects instead.
-    monitor, service = load("servicemonitor.yaml"), load("service.yaml")
+def test_only_prometheus_reaches_the_admin_port():
+    # PodMonitor is a Prometheus Operator CRD: no schema in kubernetes-validate, so it is
+    # checked against the Deployment's pod instead.
+    monitor, service = load("podmonitor.yaml"), load("service.yaml")
+    deployment, policy = load("deployment.yaml"), load("networkpolicy.yaml")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    pod = deployment["spec"]["template"]
     labels = monitor["spec"]["selector"]["matchLabels"]
-    assert labels.items() <= service["metadata"]["labels"].items()
-    ports = {p["name"] for p in service["spec"]["ports"]}
-    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["admin"]
-    assert "admin" in ports
-    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert labels.items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert "admin" in {p["name"] for p in container["ports"]}
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "admin", "path": "/metrics", "interval": "15s"}
+    ]
+    # No Service carries the admin port; the NetworkPolicy lets only the monitoring
+    # namespace reach it, and everyone reach the proxy port.
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in
+             policy["spec"]["ingress"]}  # fmt: skip
+    assert rules[("http",)] is None
+    assert rules[("admin",)] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
 
 
 def test_deployment_probes_prestop_and_grace_match_the_config(tmp_path):
