@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
+from proxy import intake
 from proxy.balancing import TargetState
 from proxy.exchange import Exchange
 from proxy.failures import (
@@ -28,16 +29,9 @@ from proxy.failures import (
     classify,
     phase,
 )
-from proxy.listener import ClientBodyTimeout, ForwardedResponse, plain_response
+from proxy.listener import ForwardedResponse, plain_response
 from proxy.retry import retry_reason, within_budget
-from proxy.routing import (
-    RoutingTable,
-    forwarded_path,
-    host_key,
-    normalized_path,
-    origin_form,
-    valid_host,
-)
+from proxy.routing import RoutingTable, forwarded_path, host_key
 from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream
 
 log = logging.getLogger("proxy")
@@ -115,61 +109,31 @@ class Forwarder:
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         snapshot = self._current()
-        hosts = request.headers.getall("Host", ())
-        # RFC 9112 §3.2: exactly one Host on HTTP/1.1; HTTP/1.0 may have none.
-        if len(hosts) > 1 or (not hosts and request.version >= aiohttp.HttpVersion11):
-            return _answer(exchange, 400, "a request needs exactly one Host header")
-        host = hosts[0] if hosts else None
-        target = request.raw_path
-        absolute = not target.startswith("/")
-        if absolute:
-            # RFC 9112 §3.2.2: the authority of an absolute-form target replaces Host.
-            parsed = origin_form(target)
-            if parsed is None or parsed[0] is None:
-                return _answer(exchange, 400, "the request-target must be a path or an http URL")
-            host, target = parsed
-        if host is not None and not valid_host(host):
-            return _answer(exchange, 400, "invalid Host (a host name or address, and a port)")
-        if "#" in target:
-            # Not part of any request-target form (RFC 9112 §3.2), and yarl would drop it.
-            return _answer(exchange, 400, "the request-target must not contain a fragment")
-        path = normalized_path(target)
-        if path is None:
-            return _answer(exchange, 400, "the request path climbs above /")
-
-        route = snapshot.routes.match(host_key(host), path)
-        if route is None:
-            return _answer(exchange, 404, "no route matches this request")
-        upstream = snapshot.upstreams[route.upstream]
-        exchange.route = route.name
-        exchange.upstream = upstream.name
-
-        max_body = self._max_body if route.max_body is None else route.max_body
-        length = request.content_length
-        if max_body and length is not None and length > max_body:
-            return _too_large(exchange, max_body)
-        body: aiohttp.StreamReader | AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            # A body-less request stays body-less: data=<empty stream> would make it chunked.
-            body = request.content
-            if max_body and length is None:  # chunked: counted as it streams
-                body = _at_most(request.content, max_body)
-
         try:
+            to = intake.addressed(request)
+            route = snapshot.routes.match(host_key(to.host), to.path)
+            if route is None:
+                raise intake.Refusal(404, "no route matches this request")
+            exchange.route = route.name
+            exchange.upstream = route.upstream
+            max_body = self._max_body if route.max_body is None else route.max_body
+            body = intake.body(request, max_body)
             out_headers = hdrs.to_upstream(
-                request.headers, client_ip=request.remote, scheme=self._scheme, host=host,
+                request.headers, client_ip=request.remote, scheme=self._scheme, host=to.host,
                 underscores=self._underscores,
             )  # fmt: skip
-        except ValueError:
+        except intake.Refusal as refusal:
+            return _refuse(exchange, refusal)
+        except ValueError:  # hdrs.to_upstream
             return _answer(exchange, 400, "header values must be UTF-8 text")
-        if absolute and host is not None:
-            out_headers["Host"] = host
+        upstream = snapshot.upstreams[route.upstream]
+        if to.absolute and to.host is not None:
+            out_headers["Host"] = to.host
+        path = forwarded_path(route, to.target, to.path)
         upstream.in_flight += 1
         upstream.requests += 1
         try:
-            return await self._forward(
-                request, exchange, upstream, out_headers, forwarded_path(route, target, path), body
-            )
+            return await self._forward(request, exchange, upstream, out_headers, path, body)
         finally:
             upstream.in_flight -= 1
             if upstream.drained is not None and not upstream.in_flight:
@@ -283,10 +247,10 @@ class Forwarder:
             return _answer(exchange, 503, "too many requests wait for this upstream", busy=True)
         except UPSTREAM_ERRORS as exc:
             started = response is not None and response.prepared
-            client_error = _client_body_error(request)
-            if client_error is not None:  # the client's body failed, not the upstream
+            client_failure = intake.client_body_failure(request)
+            if client_failure is not None:  # the client's body failed, not the upstream
                 return _client_failed(request, exchange, response if started else None,
-                                      *client_error)  # fmt: skip
+                                      *client_failure)  # fmt: skip
             if started:
                 assert response is not None
                 # After the headers nothing is retried, and a connection error here is the
@@ -415,64 +379,28 @@ def _forwardable(upstream_response: aiohttp.ClientResponse) -> ForwardedResponse
     )
 
 
-class BodyTooLarge(Exception):
-    """Set on a chunked request body that grew past its max_body."""
-
-
-async def _at_most(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """A chunked request body, cut off once it exceeds `limit` bytes."""
-    received = 0
-    while chunk := await content.readany():
-        received += len(chunk)
-        if received > limit:
-            error = BodyTooLarge(limit)
-            content.set_exception(error)  # what _client_body_error finds afterwards
-            raise error
-        yield chunk
-
-
-# What the client gets when its own request body failed (the upstream is not to blame).
-_CLIENT_BODY_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
-    (ClientBodyTimeout, 408, "the request body stopped arriving"),
-    (BodyTooLarge, 413, "the request body is too large"),
-    (Exception, 400, "malformed request body"),  # aiohttp's parser: bad chunk sizes and the like
-)
-
-
-def _client_body_error(request: web.BaseRequest) -> tuple[int, str, BaseException] | None:
-    exc = request.content.exception() if request.body_exists else None
-    if exc is None:
-        return None
-    for exc_type, status, detail in _CLIENT_BODY_ERRORS:
-        if isinstance(exc, exc_type):
-            return status, detail, exc
-    return None
+def _refuse(exchange: Exchange, refusal: intake.Refusal) -> web.Response:
+    response = _answer(exchange, refusal.status, refusal.detail)
+    if refusal.close:
+        response.force_close()
+    return response
 
 
 def _client_failed(
     request: web.BaseRequest,
     exchange: Exchange,
     response: web.StreamResponse | None,
-    status: int,
-    detail: str,
+    refusal: intake.Refusal,
     exc: BaseException,
 ) -> web.StreamResponse:
     """The client's request body failed: a 4xx if no response started, else a cut connection;
     never counted against the target."""
     log.info("%s %s from %s: %s (%r)", request.method, request.raw_path, request.remote,
-             detail, exc)  # fmt: skip
-    if response is not None:
-        _abort(request, response)
-        exchange.status = 499
-        return response
-    answer = _answer(exchange, status, detail)
-    answer.force_close()  # the rest of the body is unread
-    return answer
-
-
-def _too_large(exchange: Exchange, limit: int) -> web.Response:
-    response = _answer(exchange, 413, f"the request body exceeds {limit} bytes")
-    response.force_close()  # do not read a body we refused
+             refusal.detail, exc)  # fmt: skip
+    if response is None:
+        return _refuse(exchange, refusal)
+    _abort(request, response)
+    exchange.status = 499
     return response
 
 

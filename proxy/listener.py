@@ -1,17 +1,21 @@
-"""The client-facing HTTP/1.1 server: aiohttp's low-level server, with three behaviours changed.
+"""The client-facing HTTP/1.1 server: aiohttp's low-level server, with these behaviours changed.
 
-1. Malformed requests get a short 400 (431 for oversized headers) and an INFO log line, where
-   aiohttp answers 400 to everything, echoes the offending bytes and logs a traceback at ERROR.
-2. A typo in the handler's keyword arguments raises, where aiohttp would drop *all* of them
+1. Every client read and write has a deadline (listen.timeouts): a complete request head
+   (from connect, or from its first byte on a kept-alive connection), a silent request body,
+   and response bytes the client leaves unaccepted. aiohttp bounds only idle keep-alive time.
+2. Malformed requests get a short 400 (414 for a long request line, 431 for oversized headers)
+   and an INFO log line, where aiohttp answers 400 to everything, echoes the offending bytes and
+   logs a traceback at ERROR. A parse error inside a request body fails that body, where aiohttp
+   would leave it waiting for ever.
+3. A typo in the handler's keyword arguments raises, where aiohttp would drop *all* of them
    silently (auto_decompress=False among them) and log a warning per connection.
-3. `ForwardedResponse` keeps the upstream's headers as they were: aiohttp would add `Server` and
+4. `ForwardedResponse` keeps the upstream's headers as they were: aiohttp would add `Server` and
    `Content-Type: application/octet-stream` when the upstream sent none, and drop the
-   `Content-Length` of a 304. It also sends its headers with the first body bytes.
+   `Content-Length` of a 304. It also sends its headers with the first body bytes. The proxy's
+   own answers carry no `Server` header.
 
-Everything here leans on aiohttp internals (`Server._kwargs`, `Server._loop`,
-`RequestHandler.handle_error`, `StreamResponse._prepare_headers` and
-`_send_headers_immediately`), checked against aiohttp
-3.14.5; tests/e2e/test_transparency.py and tests/e2e/test_client_errors.py fail if they move.
+Everything here leans on aiohttp internals, all listed in internals.py and checked there at
+start-up against aiohttp 3.14.5.
 """
 
 from __future__ import annotations

@@ -624,13 +624,13 @@ async def test_a_reload_that_fails_building_upstreams_closes_those_it_built(back
 
 
 async def test_an_unexpected_error_in_the_proxy_is_a_counted_500(backend, proxy, monkeypatch):
-    from proxy import forward
+    from proxy import intake
 
     def broken(target: str) -> str:
         raise RuntimeError("a bug")
 
     _, server, port = await served(backend, proxy)
-    monkeypatch.setattr(forward, "normalized_path", broken)  # our code, not aiohttp's
+    monkeypatch.setattr(intake, "normalized_path", broken)  # our code, not aiohttp's
     client = await RawClient.connect(port)
     answer = await client.request(get("/bug"))
     await client.close()
