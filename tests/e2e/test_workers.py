@@ -427,7 +427,7 @@ IDLE = ("proxy_upstream_connections", '{"state": "idle", "upstream": "a"}')
 
 
 def test_merge_sums_every_counter_and_aggregates_each_gauge_by_its_meaning():
-    from proxy.workers import Merger
+    from proxy.merging import Merger
 
     merged = samples(Merger().merge([(1, WORKER.format(n=3, up=1)), (2, WORKER.format(n=4, up=0))]))
     assert merged[REQUESTS] == 7
@@ -438,7 +438,7 @@ def test_merge_sums_every_counter_and_aggregates_each_gauge_by_its_meaning():
 
 
 def test_merge_keeps_the_totals_of_a_silent_or_replaced_worker_but_not_its_gauges():
-    from proxy.workers import Merger
+    from proxy.merging import Merger
 
     merger = Merger()
     merger.merge([(1, WORKER.format(n=3, up=1)), (2, WORKER.format(n=4, up=1))])
