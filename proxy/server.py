@@ -195,7 +195,9 @@ class ProxyServer:
         log.info(
             "proxy listening on %s://%s:%d, admin on %s: %d upstreams, %d routes",
             "https" if tls else "http", *self.proxy_address,
-            self._admin_socket or "http://{}:{}".format(*self.admin_address),
+            # An abstract socket's name starts with NUL: shown as "@", as ss(8) does.
+            (self._admin_socket or "").replace("\0", "@")
+            or "http://{}:{}".format(*self.admin_address),
             len(config.upstreams), len(config.routes),
         )  # fmt: skip
 
@@ -283,10 +285,15 @@ async def start_site(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise StartupError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
-            f"free the port or change {key}.port in the config"
-        ) from None
+        raise cannot_listen(host, port, key, exc) from None
+
+
+def cannot_listen(host: str, port: int, key: str, exc: OSError) -> StartupError:
+    """The one-line error for a port that cannot be bound, naming the key to change."""
+    return StartupError(
+        f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+        f"free the port or change {key}.port in the config"
+    )
 
 
 def handle_signals(

@@ -29,7 +29,7 @@ from prometheus_client.exposition import choose_encoder
 from proxy.admin import healthz, reload_handler
 from proxy.config import Config
 from proxy.merging import Merged, Merger
-from proxy.server import StartupError, handle_signals, listen_on
+from proxy.server import cannot_listen, handle_signals, listen_on
 from proxy.worker import unix_path
 
 
@@ -71,10 +71,7 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise StartupError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
-            "free the port or change listen.port in the config"
-        ) from None
+        raise cannot_listen(host, port, "listen", exc) from None
     return sockets
 
 
