@@ -372,6 +372,17 @@ async def admin_get(server: ProxyServer, path: str, **headers: str) -> tuple[int
         return response.status, response.content_type, await response.text()
 
 
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """The first sample of `name` whose labels include `labels`, in a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    raise KeyError(f"no sample {name} {labels}")
+
+
 def get(target: str = "/", host: str = "example.test", extra: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode("latin-1")
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
 from proxy.server import ProxyServer
@@ -35,6 +34,7 @@ from tests.support import (
     free_port,
     get,
     http_response,
+    metric_value,
     read_request,
     read_response,
     upstream,
@@ -47,13 +47,8 @@ def echo_path(request) -> bytes:
 
 
 async def metric(server: ProxyServer, name: str, **labels: str) -> float:
-    """The one sample of `name` whose labels include `labels`."""
     _, _, text = await admin_get(server, "/metrics")
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return sample.value
-    raise AssertionError(f"no sample {name} {labels}")
+    return metric_value(text, name, **labels)
 
 
 async def served(backend, proxy, handler=None, **settings):

@@ -8,7 +8,6 @@ import time
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
     ProxyProcess,
@@ -17,6 +16,7 @@ from tests.support import (
     eventually,
     free_port,
     http_response,
+    metric_value,
     never_answers,
     read_request,
     run_cli,
@@ -55,14 +55,7 @@ class Running:
 
     async def metric(self, session: aiohttp.ClientSession, name: str, **labels: str) -> float:
         async with session.get(f"http://127.0.0.1:{self.admin}/metrics") as response:
-            text = await response.text()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return sample.value
-        raise KeyError(name)
+            return metric_value(await response.text(), name, **labels)
 
     async def reloads(self, session: aiohttp.ClientSession, result: str) -> float:
         return await self.metric(session, "proxy_config_reloads_total", result=result)
