@@ -74,7 +74,13 @@ class GuardedListener:
                 continue
             task = asyncio.create_task(self._connect(loop, conn))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        # One that failed (a TLS handshake timed out, say) never became a connection whose
+        # close would wake an accept loop paused at the mark.
+        self._server.connection_ended()
 
     async def _accept_failed(self, exc: OSError) -> None:
         if exc.errno not in _OUT_OF_RESOURCES:
@@ -112,9 +118,16 @@ class GuardedListener:
             log.debug("client connection failed before HTTP: %r", exc)
             conn.close()
 
-    def close(self) -> None:
-        for task in (*self._loops, *self._handshakes):
+    async def aclose(self) -> None:
+        """Stop accepting: the accept loops end (and unregister their sockets) before the
+        sockets close, so no descriptor number is reused under a live registration."""
+        tasks = [*self._loops, *self._handshakes]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.close()
+
+    def close(self) -> None:
         for sock in self.sockets:
             sock.close()
 
@@ -142,6 +155,11 @@ class GuardedSite(web.BaseSite):
         self._reuse_port = reuse_port
         self._max_connections = max_connections
         self._handshake_timeout = handshake_timeout
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            await self.listener.aclose()
+        await super().stop()
 
     @property
     def listener(self) -> GuardedListener | None:

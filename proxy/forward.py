@@ -20,6 +20,7 @@ from yarl import URL
 from proxy import headers as hdrs
 from proxy import intake
 from proxy.balancing import TargetState
+from proxy.deadlines import body_finished
 from proxy.exchange import Exchange
 from proxy.failures import (
     CLIENT_ABORT,
@@ -397,6 +398,7 @@ def _client_failed(
     never counted against the target."""
     log.info("%s %s from %s: %s (%r)", request.method, request.raw_path, request.remote,
              refusal.detail, exc)  # fmt: skip
+    body_finished(request)
     if response is None:
         return _refuse(exchange, refusal)
     _abort(request, response)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from proxy.listener import ClientBodyTimeout
+from proxy.deadlines import ClientBodyError, ClientBodyTimeout
 from proxy.routing import normalized_path, origin_form, valid_host
 
 
@@ -61,7 +61,7 @@ def addressed(request: web.BaseRequest) -> Addressed:
         raise Refusal(400, "the request-target must not contain a fragment")
     path = normalized_path(target)
     if path is None:
-        raise Refusal(400, "the request path climbs above /")
+        raise Refusal(400, "the request path climbs above /, or its dot-segments are ambiguous")
     return Addressed(host, target, path, absolute)
 
 
@@ -81,7 +81,7 @@ def body(
     return request.content
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(ClientBodyError):
     """Set on a chunked request body that grew past its max_body."""
 
 

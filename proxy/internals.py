@@ -28,6 +28,7 @@ _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
       "_reading_paused", "_keepalive_timeout", "_loop")),
     ("StreamResponse", web.StreamResponse,
      ("_prepare_headers", "_send_headers_immediately")),
+    ("BaseSite", web.BaseSite, ("_server", "_runner", "_backlog", "_ssl_context")),
 )  # fmt: skip
 _INSTANCE_NAMES = {
     "TCPConnector": ("_factory", "_acquired", "_conns"),

@@ -1,8 +1,7 @@
 """The client-facing HTTP/1.1 server: aiohttp's low-level server, with these behaviours changed.
 
-1. Every client read and write has a deadline (listen.timeouts): a complete request head
-   (from connect, or from its first byte on a kept-alive connection), a silent request body,
-   and response bytes the client leaves unaccepted. aiohttp bounds only idle keep-alive time.
+1. Every client read and write has a deadline (deadlines.py), and the listener stops
+   accepting at listen.limits.max_connections (accept.py, told of each connection here).
 2. Malformed requests get a short 400 (414 for a long request line, 431 for oversized headers)
    and an INFO log line, where aiohttp answers 400 to everything, echoes the offending bytes and
    logs a traceback at ERROR. A parse error inside a request body fails that body, where aiohttp
@@ -23,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -33,6 +31,8 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+
+from proxy.deadlines import TIMEOUT_PHASES, DeadlineHandler, Deadlines
 
 log = logging.getLogger("proxy")
 
@@ -53,166 +53,8 @@ def plain_response(status: int, detail: str = "") -> web.Response:
     return _OwnResponse(status=status, text=body, content_type="text/plain")
 
 
-@dataclass(frozen=True, slots=True)
-class Deadlines:
-    """listen.timeouts, and whether connections are kept alive between requests at all."""
-
-    header: float  # s for a complete request head, from connect or its first byte
-    body: float  # s of silence while a request body streams in
-    send: float  # s the client may leave response bytes unaccepted
-    keepalive: bool = True  # False (listen.keepalive_timeout: 0): one request per connection
-
-
-TIMEOUT_PHASES = ("header", "body", "send")
-
-
-class ClientBodyTimeout(Exception):
-    """Set on a request body that went silent for longer than listen.timeouts.body."""
-
-
-_TIMEOUT_BODY = b"408 Request Timeout: the request head was not received in time\n"
-_REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
-)
-
-
-class _ProxyRequestHandler(RequestHandler):
-    """One client connection: aiohttp's, plus a deadline on every read and write.
-
-    aiohttp bounds only the idle time between requests (and not at all when keepalive_timeout
-    is 0): a client that trickles its head or its body, or stops reading a response, would keep
-    its connection, and the upstream pool slot behind it, for as long as it likes. One timer
-    per connection, re-armed lazily, checks the phase the connection is in when it fires.
-    """
-
-    def __init__(self, manager: ProxyHTTPServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._server = manager  # aiohttp drops its own reference on connection_lost
-        self._deadlines = manager.deadlines
-        self._head_started: float | None = None  # a request head is being read since then
-        self._line_seen = False  # that head's request line is complete
-        self._line_bytes = 0  # that request line's length so far
-        self._last_read = 0.0
-        self._write_paused_at: float | None = None
-        self._body_expired: web.BaseRequest | None = None
-        self._payload: StreamReader | None = None  # the body of the last request parsed
-        self._timer: asyncio.TimerHandle | None = None
-
-    # -- events that start or end a phase --
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        now = self._loop.time()
-        self._head_started = self._last_read = now  # the head is due from connect on
-        self._arm(now + self._deadlines.header)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        now = self._last_read = self._loop.time()
-        if self._head_started is None and self._waiter is not None:
-            # The first byte of the next head on a kept-alive connection (nginx's
-            # client_header_timeout starts here; until then keepalive_timeout applies).
-            self._head_started = now
-            self._arm(now + self._deadlines.header)
-        if not self._line_seen:
-            end = data.find(b"\n")
-            self._line_seen = end != -1
-            self._line_bytes += len(data) if end == -1 else end
-        requests = self._request_count
-        super().data_received(data)
-        if self._request_count != requests:  # a head is complete: its body, if any, is next
-            self._head_started = None
-            message, payload = self._messages[-1]
-            if isinstance(message, RawRequestMessage):
-                self._line_seen, self._line_bytes = False, 0  # else handle_error needs them
-                self._payload = payload
-            elif self._payload is not None and not self._payload.is_eof():
-                # A parse error inside the body being read (a bad chunk size): aiohttp queues
-                # it as the next request's error and leaves this body waiting for ever. The
-                # body is the one that failed: its reader (the forwarder) must learn it.
-                self._payload.set_exception(getattr(message, "exc", None) or BadHttpMessage(""))
-            self._arm(now + self._deadlines.body)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        now = self._write_paused_at = self._loop.time()
-        self._arm(now + self._deadlines.send)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._write_paused_at = None
-
-    # -- the timer --
-
-    def _arm(self, when: float) -> None:
-        """Have the timer fire no later than `when` (it re-arms itself if that is early)."""
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= when:
-                return
-            timer.cancel()
-        self._timer = self._loop.call_at(when, self._check_deadlines)
-
-    def _check_deadlines(self) -> None:
-        self._timer = None
-        if self.transport is None:
-            return
-        now = self._loop.time()
-        deadlines = self._deadlines
-        due: list[float] = []
-        if self._write_paused_at is not None:
-            if now - self._write_paused_at >= deadlines.send:
-                return self._expire("send")
-            due.append(self._write_paused_at + deadlines.send)
-        request = self._current_request
-        if request is not None:
-            content = request.content
-            if self._body_expired is request:
-                # The handler was told a second ago and has not let go: cut the connection.
-                self.transport.abort()
-                return None
-            if not content.is_eof() and content.exception() is None:
-                if self._reading_paused:
-                    self._last_read = now  # the proxy stopped reading, not the client
-                if now - self._last_read >= deadlines.body:
-                    return self._expire("body")
-                due.append(self._last_read + deadlines.body)
-        elif self._head_started is not None:
-            if now - self._head_started >= deadlines.header:
-                return self._expire("header")
-            due.append(self._head_started + deadlines.header)
-        if due:
-            self._timer = self._loop.call_at(min(due), self._check_deadlines)
-        return None
-
-    def _expire(self, phase: str) -> None:
-        self._server.client_timeouts[phase] += 1
-        request = self._current_request
-        log.info("client %s: %s timeout", self._peer(), phase)
-        if phase == "body" and request is not None:
-            # The handler answers 408 (or cuts a response that started) when the body read
-            # fails; if it has not let go a second later, the connection is cut.
-            self._body_expired = request
-            request.content.set_exception(ClientBodyTimeout())
-            self._timer = self._loop.call_later(1.0, self._check_deadlines)
-            return
-        assert self.transport is not None
-        if phase == "header" and not self._request_in_progress:
-            self._server.on_rejected(self._peer(), 408)
-            self.transport.write(_REQUEST_TIMEOUT)
-            self.force_close()  # closes the transport once the 408 is written
-        else:
-            self.transport.abort()  # send: the client reads nothing, so say nothing
-
-    def _peer(self) -> str | None:
-        peer = self.peername
-        return peer[0] if isinstance(peer, tuple) else None
+class _ProxyRequestHandler(DeadlineHandler):
+    """One client connection: deadlines (deadlines.py), and parse errors answered briefly."""
 
     # -- responses --
 
@@ -227,7 +69,7 @@ class _ProxyRequestHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         status = _status_for_parse_error(exc, self._line_bytes > self.max_line_size)
         log.info("rejected malformed request from %s: %s", request.remote, exc.message)
-        self._server.on_rejected(request.remote, status)
+        self._counts.on_rejected(request.remote, status)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; cannot send the error")
         response = plain_response(status, _PARSE_ERROR_DETAIL.get(status, "malformed request"))
@@ -299,6 +141,10 @@ class ProxyHTTPServer(web.Server):
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         self.open_connections -= 1
+        self.connection_ended()
+
+    def connection_ended(self) -> None:
+        """A client connection (or one still in its TLS handshake) is gone."""
         waiters, self._closed_waiters = self._closed_waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -22,7 +22,6 @@ GAUGE_AGGREGATION = {
     "proxy_config_last_reload_success_timestamp_seconds": min,  # the oldest config in force
 }
 TOTALS = frozenset({"counter", "histogram", "summary"})  # families whose samples only grow
-TOTALS = frozenset({"counter", "histogram", "summary"})  # families whose samples only grow
 
 Labels = tuple[tuple[str, str], ...]  # sorted
 Series = tuple[str, Labels]  # sample name, labels

@@ -26,9 +26,9 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.accept import PAUSE_REASONS
+from proxy.deadlines import TIMEOUT_PHASES
 from proxy.exchange import Exchange
 from proxy.forward import Snapshot
-from proxy.listener import TIMEOUT_PHASES
 from proxy.upstream import DISCARD_REASONS
 
 METHODS = frozenset(

@@ -14,6 +14,9 @@ from proxy.config import Route
 # brackets or a reg-name (unreserved, pct-encoded, sub-delims), and the port is digits.
 _VALID_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%~_-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 _ENCODED_DOT = re.compile(r"%2[eE]")
+# What some backends also take for a "/": a backslash (IIS, Windows), and an encoded slash or
+# backslash (backends that decode before they normalise).
+_OTHER_SLASH = re.compile(r"\\|%2[fF]|%5[cC]")
 
 
 def valid_host(host: str) -> bool:
@@ -22,21 +25,34 @@ def valid_host(host: str) -> bool:
     return _VALID_HOST.fullmatch(host) is not None
 
 
+def _is_dot_segment(part: str) -> bool:
+    # "..;x" is ".." to Tomcat and Jetty, which drop path parameters first.
+    return part in (".", "..") or part.startswith((".;", "..;"))
+
+
 def normalized_path(target: str) -> str | None:
     """The path routes are matched on: the target's path with dot-segments removed (RFC 3986
-    §5.2.4), "%2e" counting as "."; None when it climbs above "/".
+    §5.2.4), "%2e" counting as "."; None when it climbs above "/", or when backends would
+    disagree on its dot-segments (see below).
 
     A backend that normalises would serve /internal/secret for /public/../internal/secret or
-    /public/%2e%2e/internal/secret: the route table must see what the backend will see.
+    /public/%2e%2e/internal/secret: the route table must see what the backend will see. Where
+    backends differ, no single answer is right, so dot-segments next to an empty segment
+    ("//..": nginx merges slashes, RFC 3986 does not), with a parameter ("..;/": Tomcat), or
+    among other slashes ("\\", "%2f", "%5c") make the path None too.
     """
     path = target.partition("?")[0]
-    if "/." not in path and "%" not in path:
+    if "/." not in path and "%" not in path and "\\" not in path:
         return path  # no dot-segment can be in it: the common case, at no cost
     decoded = _ENCODED_DOT.sub(".", path) if "%" in path else path
-    if "/." not in decoded:
+    other = _OTHER_SLASH.sub("/", decoded)
+    if "/." not in other:
         return path
-    segments: list[str] = []
+    ambiguous = other != decoded or "//" in decoded or ";" in decoded
+    if ambiguous and any(_is_dot_segment(part) for part in other.split("/")):
+        return None
     parts = decoded.split("/")[1:]
+    segments: list[str] = []
     for part in parts:
         if part == "..":
             if not segments:

@@ -23,10 +23,11 @@ from proxy.accept import GuardedListener, GuardedSite
 from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
 from proxy.config import Config, ConfigError, load_config
+from proxy.deadlines import Deadlines
 from proxy.exchange import Exchange
 from proxy.forward import Forwarder, Snapshot
 from proxy.internals import AiohttpMoved, check_aiohttp
-from proxy.listener import Deadlines, ProxyHTTPServer, handler_kwargs
+from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.reload import describe_changes
 from proxy.routing import RoutingTable

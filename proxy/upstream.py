@@ -37,6 +37,7 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 # Why an upstream connection was closed instead of being reused.
 DISCARD_REASONS = ("unsolicited_data",)
+_STRAY_LOG_EVERY = 60.0  # s between two log lines about stray bytes from one upstream
 
 
 class Acquisition:
@@ -116,6 +117,7 @@ class PoolConnector(aiohttp.TCPConnector):
         self.waiting = 0  # requests waiting for a free slot now
         self.retired = 0  # idle connections closed before the upstream's announced timeout
         self.discarded = dict.fromkeys(DISCARD_REASONS, 0)  # closed, never reused, by reason
+        self._stray_logged = -_STRAY_LOG_EVERY
         self._factory = functools.partial(  # type: ignore[assignment]
             GuardedResponseHandler, loop=self._loop, on_stray=self._discard_stray
         )
@@ -177,11 +179,16 @@ class PoolConnector(aiohttp.TCPConnector):
 
     def _discard_stray(self, protocol: ResponseHandler) -> None:
         self.discarded["unsolicited_data"] += 1
+        now = time.monotonic()
+        if now - self._stray_logged < _STRAY_LOG_EVERY:
+            return  # counted; one line a minute is enough to say it goes on
+        self._stray_logged = now
         host, port = self._target_of.get(protocol, ("?", None))
         log.warning(
             "upstream %s: target %s:%s sent bytes that answer no request; closed that "
-            "connection (a buggy backend, or a request smuggled in a body)",
-            self.name, host, port,
+            "connection (a buggy backend, or a request smuggled in a body; %d so far, see "
+            "proxy_upstream_connections_discarded_total)",
+            self.name, host, port, self.discarded["unsolicited_data"],
         )  # fmt: skip
 
     def retire_after(self, protocol: ResponseHandler, seconds: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import resource
 import socket
@@ -632,3 +633,74 @@ async def test_an_unexpected_error_in_the_proxy_is_a_counted_500(backend, proxy,
     assert answer.status == 500
     requests = "proxy_requests_total"
     assert await metric(server, requests, code="500") == 1
+
+
+# --- found by review: pipelining, TLS at the connection mark, no tracebacks ---------------------
+
+
+async def test_a_pipelined_request_body_has_its_own_deadline(backend, proxy):
+    slow_first = answering(echo_path, delay=1.5)
+    _, server, port = await served(backend, proxy, slow_first, listen={"timeouts": {"body": 1}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # A GET answered after 1.5 s, and behind it a POST whose body stops after 10 of 100 bytes.
+    writer.write(
+        get("/first") + b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n0123456789"
+    )
+    first = await asyncio.wait_for(read_response(reader), 5)
+    second = await asyncio.wait_for(read_response(reader), 5)
+    writer.close()
+    assert (first.status, first.body) == (200, b"/first")
+    assert second.status == 408
+    assert await metric(server, "proxy_client_timeouts_total", phase="body") == 1
+
+
+async def test_tls_clients_that_never_handshake_do_not_stop_the_listener_at_its_mark(
+    backend, proxy, tmp_path
+):
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "c.pem")
+    listen = {
+        "tls": {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "c.pem")},
+        "timeouts": {"header": 0.5},
+        "limits": {"max_connections": 2},
+    }
+    _, _, port = await served(backend, proxy, listen=listen)
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    for reader, _ in silent:  # both handshakes time out: the mark is free again
+        assert await read_until_closed(reader, 3) == b""
+    for _, writer in silent:
+        writer.close()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    writer.write(get("/after"))
+    answer = await asyncio.wait_for(read_response(reader), 5)
+    writer.close()
+    assert answer.body == b"/after"
+
+
+@pytest.mark.parametrize(
+    ("listen", "first", "then", "status"),
+    [
+        ({"timeouts": {"body": 0.3}},
+         b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 9\r\n\r\nabc", b"", 408),
+        ({"limits": {"max_body": 5}},
+         b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+         b"4\r\ndefg\r\n0\r\n\r\n", 413),
+        ({}, b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+         b"zz\r\nab\r\n", 400),
+    ],
+)  # fmt: skip
+async def test_a_clients_failed_body_is_answered_without_an_error_log(
+    backend, proxy, caplog, listen, first, then, status
+):
+    _, _, port = await served(backend, proxy, listen=listen)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(first)
+    await asyncio.sleep(0.2)  # the request is on its way upstream, its body still open
+    writer.write(then)
+    answer = await read_what_arrives(reader)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 %d " % status)
+    await asyncio.sleep(0.2)  # aiohttp's lingering read, which logged a traceback, is done
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
