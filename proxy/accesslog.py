@@ -60,7 +60,7 @@ def json_formatter() -> Callable[[Exchange], str]:
             f'"upstream_duration":{_seconds(e.upstream_seconds)},'
             f'"pool_wait":{e.pool_wait:.6f},"route":{_quote(e.route)},'
             f'"upstream":{_quote(e.upstream)},"upstream_target":{_quote(e.upstream_target)},'
-            f'"reused":{reused},"error":{_quote(e.error)}}}'
+            f'"reused":{reused},"error":{_quote(e.error)},"bytes_received":{e.bytes_received}}}'
         )
 
     return as_json
@@ -77,7 +77,7 @@ def text_formatter() -> Callable[[Exchange], str]:
             f'{clock(e.time)} {e.client or "-"} "{e.method} {target}" {e.status} '
             f"{e.bytes_sent} {e.duration:.6f} {upstream_seconds} route={e.route or '-'} "
             f"upstream={e.upstream or '-'} target={e.upstream_target or '-'} reused={reused} "
-            f"pool_wait={e.pool_wait:.6f} error={e.error or '-'}"
+            f"pool_wait={e.pool_wait:.6f} error={e.error or '-'} received={e.bytes_received}"
         )
 
     return as_text

@@ -56,6 +56,8 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
             "stale_connections": upstream.stale,
             "retired_connections": upstream.connector.retired,
             "pending_rejected": upstream.pending_rejected,
+            "tunnels": upstream.tunnels_open,
+            "tunnels_limit": upstream.settings.tunnels.limit,
         }
     return {"upstreams": upstreams}
 

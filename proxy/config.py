@@ -144,6 +144,12 @@ class UpstreamTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class Tunnels:
+    limit: int = key(non_negative_int, 1000)  # upgraded connections open at once (0 = unlimited)
+    idle_timeout: float = key(non_negative_seconds, 3600.0)  # s without a byte (0 = never)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     targets: tuple[Target, ...] = key(list_of(target))
     pool: Pool = key(section(Pool), Pool())
@@ -154,6 +160,7 @@ class Upstream:
     health_check: HealthCheck | None = key(optional_section(HealthCheck), None)
     outlier: Outlier | None = key(optional_section(Outlier), None)
     tls: UpstreamTLS = key(section(UpstreamTLS), UpstreamTLS())
+    tunnels: Tunnels = key(section(Tunnels), Tunnels())
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +176,7 @@ class Route:
     name: str = key(text, "")  # "" until parse_config fills in host + path_prefix
     strip_prefix: bool = key(boolean, False)
     max_body: int | None = key(non_negative_int, None)  # overrides listen.limits.max_body
+    upgrade: bool = key(boolean, True)  # false: an Upgrade request gets 400
 
 
 @dataclass(frozen=True, slots=True)

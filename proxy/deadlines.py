@@ -95,6 +95,12 @@ class DeadlineHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._payload_parser is not None:
+            # An upgraded connection: tunnel.py relays it, also while the server drains
+            # (aiohttp's close() would drop every byte from then on).
+            if data:
+                self._payload_parser.feed_data(data)
+            return
         now = self._last_read = self._loop.time()
         payload = self._payload
         reading_head = payload is None or payload.is_eof()
@@ -123,6 +129,14 @@ class DeadlineHandler(RequestHandler):
             # client_header_timeout starts here (until then keepalive_timeout applies).
             self._head_started = now
             self._arm(now + self._deadlines.header)
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        # An upgraded connection half-closed by the client: tell the relay (tunnel.py), and
+        # keep the connection open for what the upstream still sends.
+        if self._payload_parser is not None:
+            self._payload_parser.feed_eof()
+            return True
+        return None
 
     def pause_writing(self) -> None:
         super().pause_writing()

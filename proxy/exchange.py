@@ -27,3 +27,5 @@ class Exchange:
     pool_wait: float = 0.0  # seconds spent waiting for a pool slot
     error: str | None = None  # the `kind` of proxy_upstream_errors_total
     reused: bool | None = None  # whether the upstream connection had served a request before
+    tunnel: str | None = None  # an Upgrade request's result: upgraded, refused, rejected, failed
+    bytes_received: int = 0  # a tunnel's bytes from the client (bytes_sent: to the client)

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
-from proxy import intake
+from proxy import intake, tunnel
 from proxy.balancing import TargetState
 from proxy.deadlines import body_finished
 from proxy.exchange import Exchange
@@ -131,12 +131,23 @@ class Forwarder:
         if to.absolute and to.host is not None:
             out_headers["Host"] = to.host
         path = forwarded_path(route, to.target, to.path)
+        upgrade = tunnel.upgrade_asked(request)
+        if upgrade is not None:
+            if not route.upgrade:
+                return _answer(exchange, 400, "this route does not upgrade connections")
+            limit = upstream.settings.tunnels.limit
+            if limit and upstream.tunnels_open >= limit:
+                exchange.tunnel = "rejected"
+                return _answer(exchange, 503, "too many tunnels to this upstream", busy=True)
+            tunnel.with_upgrade(out_headers, upgrade)  # which is how _attempt knows
+            upstream.tunnels_open += 1
         upstream.in_flight += 1
         upstream.requests += 1
         try:
             return await self._forward(request, exchange, upstream, out_headers, path, body)
         finally:
             upstream.in_flight -= 1
+            upstream.tunnels_open -= upgrade is not None
             if upstream.drained is not None and not upstream.in_flight:
                 upstream.drained.set()  # a reload replaced it: it may close now
 
@@ -203,13 +214,17 @@ class Forwarder:
         exchange.upstream_target = target.url
         # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
         url = URL(target.url + path, encoded=True)
+        # Only an upgrade _handle forwards carries Upgrade here (headers.py drops the client's).
+        # It goes on a connection of its own, never pooled and outside pool.limit.
+        upgrading = "Upgrade" in out_headers
+        session = upstream.tunnel_session if upgrading else upstream.session
         acquisition = Acquisition(fresh_only)
         ACQUISITION.set(acquisition)
         target.in_flight += 1
         sent = time.perf_counter()
         response: ForwardedResponse | None = None
         try:
-            async with upstream.session.request(
+            async with session.request(
                 request.method,
                 url,
                 headers=out_headers,
@@ -220,7 +235,7 @@ class Forwarder:
                 exchange.upstream_seconds = time.perf_counter() - sent
                 exchange.reused = acquisition.reused
                 try:
-                    response = _forwardable(upstream_response)
+                    response = _forwardable(upstream_response, upgrading)
                     upstream.answered(target, acquisition, upstream_response)
                     exchange.status = response.status
                     await response.prepare(request)
@@ -237,6 +252,13 @@ class Forwarder:
                     _log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
                     exchange.error = UNFORWARDABLE.kind
                     return _answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
+                if upgrading:
+                    exchange.tunnel = "upgraded" if response.status == 101 else "refused"
+                    if response.status == 101:
+                        await tunnel.relay(request, response, upstream_response, exchange,
+                                           upstream.settings.tunnels.idle_timeout,
+                                           upstream.count_tunnel_bytes)  # fmt: skip
+                        return response
                 broken = await _copy_body(request, upstream_response.content, response, exchange)
                 if broken is not None:
                     return _broken_after_headers(request, url, upstream, target, response,
@@ -262,6 +284,8 @@ class Forwarder:
             if acquisition.queued:  # the connect timeout ran out while waiting for a slot
                 exchange.error = "timeout"
                 return _answer(exchange, 503, "no upstream connection free in time", busy=True)
+            if upgrading:
+                exchange.tunnel = "failed"  # unless a retry upgrades it after all
             failure, reached = classify(exc), phase(exc)
             # Per attempt, a connect timeout is a connect failure: the target never answered.
             upstream.failed(target, "connect" if reached == "connect" else failure.kind)
@@ -364,20 +388,19 @@ async def _copy_body(
             return None
 
 
-def _forwardable(upstream_response: aiohttp.ClientResponse) -> ForwardedResponse:
+def _forwardable(upstream_response: aiohttp.ClientResponse, upgrading: bool) -> ForwardedResponse:
     """The client's copy of the upstream's status line and headers; ValueError for one that
     must not be forwarded (the caller answers 502)."""
     status = upstream_response.status
+    headers = hdrs.to_client(upstream_response.headers)
+    if status == 101 and upgrading:
+        headers = tunnel.switching_headers(upstream_response.headers, headers)
     # aiohttp passes "000" as 0 and any three digits; 1xx other than 101 it consumes itself.
-    # No request is forwarded with Upgrade, so a 101 answers a question nobody asked, and the
+    # A 101 to a request that asked for no upgrade answers a question nobody asked, and the
     # bytes after it are not HTTP (RFC 9110 §15.2.2).
-    if not 200 <= status <= 599:
+    elif not 200 <= status <= 599:
         raise ValueError(f"status {status} cannot answer this request")
-    return ForwardedResponse(
-        status=status,
-        reason=upstream_response.reason,
-        headers=hdrs.to_client(upstream_response.headers),
-    )
+    return ForwardedResponse(status=status, reason=upstream_response.reason, headers=headers)
 
 
 def _refuse(exchange: Exchange, refusal: intake.Refusal) -> web.Response:

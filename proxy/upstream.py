@@ -82,6 +82,14 @@ class GuardedResponseHandler(ResponseHandler):
             return
         super().data_received(data)
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        # An upgraded connection (tunnel.py) half-closed by the upstream: tell the relay, and
+        # keep the connection open for what the client still sends.
+        if self._payload_parser is not None:
+            self._payload_parser.feed_eof()
+            return True
+        return None
+
 
 def _holds_stray_bytes(protocol: ResponseHandler) -> bool:
     """Whether bytes beyond the last response were parsed or buffered (aiohttp 3.14.5's
@@ -286,8 +294,25 @@ class Upstream:
         )
         # aiohttp silently retries an idempotent request once on a broken connection; the
         # proxy makes every retry itself, by its own rules, and counts it (retry.py).
-        # Checked against aiohttp 3.14.5 by test_pool_connector_hooks_exist.
+        # Checked at start-up by internals.py.
         self.session._retry_connection = False
+        # Upgraded connections (tunnel.py) have a session of their own: a tunnel holds its
+        # connection for as long as it lives, so it must not take a slot of pool.limit, and
+        # its connection is never pooled. tunnels.limit is enforced by forward.py.
+        self.tunnel_session = aiohttp.ClientSession(
+            connector=PoolConnector(
+                name=name, ssl=self.ssl, limit=0, force_close=True,
+                enable_cleanup_closed=https and sys.version_info < (3, 12, 8),
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=settings.timeouts.connect, sock_read=settings.timeouts.read
+            ),
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_SKIP_AUTO_HEADERS, trust_env=False, raise_for_status=False,
+        )  # fmt: skip
+        self.tunnel_session._retry_connection = False
+        self.tunnels_open = 0  # upgrade requests being forwarded or relayed now
+        self.tunnel_bytes = {"upstream": 0, "downstream": 0}  # relayed since start
 
     def start(self) -> None:
         if self.settings.health_check is not None:
@@ -340,8 +365,11 @@ class Upstream:
         by_address = self.connector.target_stats()
         return [TargetStats(t.url, *by_address.get((t.host, t.port), (0, 0))) for t in self.targets]
 
+    def count_tunnel_bytes(self, direction: str, count: int) -> None:
+        self.tunnel_bytes[direction] += count
+
     async def aclose(self) -> None:
-        """Stop health checks; close the session and every pooled connection."""
+        """Stop health checks; close the sessions, every pooled connection and every tunnel."""
         if self.health is not None:
             await self.health.aclose()
-        await self.session.close()
+        await asyncio.gather(self.session.close(), self.tunnel_session.close())

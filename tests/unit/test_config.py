@@ -102,7 +102,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "routes[1].matches",
             {},
             "routes[1]: unknown key 'matches' "
-            "(known: match, upstream, name, strip_prefix, max_body)",
+            "(known: match, upstream, name, strip_prefix, max_body, upgrade)",
         ),
         ("upstreams.api.targets", [], "upstreams.api.targets: must be a non-empty list, got []"),
         (

@@ -1,0 +1,365 @@
+"""WebSocket and every HTTP/1.1 Upgrade through the proxy (issue 9): a real aiohttp WebSocket
+backend and client, raw-socket upgrades for exact bytes and half-close, the tunnel budget, idle
+timeout, reloads and the metrics. Every peer is real, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import parse_config
+from proxy.server import ProxyServer
+from tests.support import (
+    RawBackend,
+    RawClient,
+    admin_get,
+    config_dict,
+    eventually,
+    get,
+    metric_value,
+    read_head,
+    read_request,
+    upstream,
+    write_config,
+)
+
+
+async def metric(server: ProxyServer, name: str, **labels: str) -> float:
+    _, _, text = await admin_get(server, "/metrics")
+    return metric_value(text, name, **labels)
+
+
+@contextlib.asynccontextmanager
+async def websocket_backend(seen: list[Any] | None = None):
+    """An aiohttp WebSocket echo server: text back with "echo:", binary as is; `seen` gets
+    each close code it receives. Anything else under /plain answers 200."""
+
+    async def ws(request: web.Request) -> web.StreamResponse:
+        response = web.WebSocketResponse(protocols=("chat", "superchat"), compress=True)
+        await response.prepare(request)
+        async for message in response:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await response.send_str("echo:" + message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await response.send_bytes(message.data)
+        if seen is not None:
+            seen.append(response.close_code)
+        return response
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=403, text="no socket for you")
+
+    async def plain(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="plain " + request.headers.get("Upgrade", "-"))
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/refuse", refuse)
+    app.router.add_route("*", "/plain", plain)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def ws_url(server: ProxyServer, path: str = "/ws") -> str:
+    return f"http://127.0.0.1:{server.proxy_address[1]}{path}"
+
+
+async def test_websocket_text_binary_1mib_ping_close_subprotocol_and_deflate(proxy):
+    seen: list[Any] = []
+    async with websocket_backend(seen) as origin:
+        server = await proxy(config_dict({"ws": upstream(origin)}))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(
+                ws_url(server), protocols=("superchat",), compress=15, autoping=False
+            ) as ws,
+        ):
+            assert ws.protocol == "superchat"  # chosen by the backend, end to end
+            assert ws.compress == 15  # permessage-deflate negotiated through the proxy
+            await ws.send_str("hello")
+            assert await ws.receive_str() == "echo:hello"
+            payload = os.urandom(1 << 20)
+            await ws.send_bytes(payload)
+            assert await ws.receive_bytes() == payload
+            await ws.ping(b"are you there")
+            pong = await ws.receive()
+            assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"are you there")
+            await ws.close(code=4001, message=b"bye")
+        await eventually(lambda: _true(seen))
+        assert seen == [4001]
+        await eventually(lambda: _zero_open(server))  # the tunnel's request is finished
+        assert await metric(server, "proxy_tunnels_total", result="upgraded") == 1
+        assert await metric(server, "proxy_tunnel_bytes_total", direction="upstream") > 1 << 20
+
+
+async def _true(value: list[Any]) -> bool:
+    return bool(value)
+
+
+async def _zero_open(server: ProxyServer) -> bool:
+    return await metric(server, "proxy_tunnels_open", upstream="ws") == 0
+
+
+def raw_upgrade(path: str = "/", protocol: str = "x-test/1", extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n"
+        f"{extra}\r\n"
+    ).encode()
+
+
+def switches(then: bytes = b"", *, half_close_after: bytes | None = None):
+    """A raw backend that answers an upgrade with 101 (plus `then` in the same write), records
+    every byte it receives after it, echoes them back in upper case, and answers EOF with its own
+    write EOF after sending `half_close_after`."""
+
+    async def handler(backend: RawBackend, reader, writer) -> None:
+        request = await read_request(reader)
+        if request is None:
+            return
+        backend.record(request)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\nConnection: Upgrade\r\n"
+            b"X-Backend: yes\r\n\r\n" + then
+        )
+        backend.tunneled = b""  # type: ignore[attr-defined]
+        while data := await reader.read(65536):
+            backend.tunneled += data  # type: ignore[attr-defined]
+            writer.write(data.upper())
+            await writer.drain()
+        if half_close_after is not None:
+            writer.write(half_close_after)
+            writer.write_eof()
+            await asyncio.sleep(0.2)
+
+    return handler
+
+
+async def test_a_non_websocket_upgrade_relays_exact_bytes_and_half_closes(backend, proxy):
+    origin = await backend(switches(b"early bytes;", half_close_after=b"goodbye"))
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.proxy_address[1])
+    writer.write(raw_upgrade("/chan?id=1", extra="Sec-Custom: 42\r\n"))
+    head = await asyncio.wait_for(read_head(reader), 5)
+    assert head is not None
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 101 Switching Protocols"
+    assert {"Upgrade: x-test/1", "Connection: upgrade", "X-Backend: yes"} <= set(lines)
+    assert await asyncio.wait_for(reader.readexactly(12), 5) == b"early bytes;"  # came with it
+    request = origin.requests[0]
+    assert request.target == "/chan?id=1"
+    assert request.header("Upgrade") == "x-test/1"
+    assert request.header("Connection") == "upgrade"
+    assert request.header("Sec-Custom") == "42"
+    sent = b"\x00binary\xffbytes\r\n\r\nGET / HTTP/1.1\r\n"  # not HTTP, and not parsed
+    writer.write(sent)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readexactly(len(sent)), 5) == sent.upper()
+    writer.write_eof()  # the client half-closes; the backend still sends, then closes too
+    assert await asyncio.wait_for(reader.read(), 5) == b"goodbye"
+    writer.close()
+    assert origin.tunneled == sent  # type: ignore[attr-defined]
+
+
+async def test_a_refused_handshake_passes_through_and_nothing_is_upgraded(proxy):
+    async with websocket_backend() as origin:
+        server = await proxy(config_dict({"ws": upstream(origin)}))
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                await session.ws_connect(ws_url(server, "/refuse"))
+            assert caught.value.status == 403
+        assert await metric(server, "proxy_tunnels_total", result="refused") == 1
+
+
+async def test_tunnels_limit_rejects_at_once_and_tunnels_hold_no_pool_slot(proxy):
+    async with websocket_backend() as origin:
+        settings = {"pool": {"limit": 1}, "tunnels": {"limit": 20}}
+        server = await proxy(config_dict({"ws": upstream(origin, **settings)}))
+        async with aiohttp.ClientSession() as session:
+            sockets = [await session.ws_connect(ws_url(server)) for _ in range(20)]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                await session.ws_connect(ws_url(server))
+            assert caught.value.status == 503
+            assert caught.value.headers.get("Retry-After") == "1"
+            # Plain requests still flow through the one pool slot while 20 tunnels are open.
+            for _ in range(5):
+                async with session.get(ws_url(server, "/plain")) as response:
+                    assert await response.text() == "plain -"
+            for ws in sockets:
+                await ws.send_str("still")
+                assert await ws.receive_str() == "echo:still"
+                await ws.close()
+        assert await metric(server, "proxy_tunnels_total", result="rejected") == 1
+        assert await metric(server, "proxy_tunnels_total", result="upgraded") == 20
+
+
+async def test_an_idle_tunnel_is_closed_at_the_idle_timeout(proxy):
+    async with websocket_backend() as origin:
+        settings = {"tunnels": {"idle_timeout": 0.5}}
+        server = await proxy(config_dict({"ws": upstream(origin, **settings)}))
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(ws_url(server), autoping=False, heartbeat=None)
+            await ws.send_str("one")
+            assert await ws.receive_str() == "echo:one"
+            message = await asyncio.wait_for(ws.receive(), 5)  # nothing moves: the proxy cuts
+            assert message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+            await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # HTTP/1.0 is never upgraded: Upgrade is dropped, the request answered as a plain one.
+        (b"GET /plain HTTP/1.0\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: x-test/1\r\n\r\n",
+         b"plain -"),
+        # h2c is never upgraded (the proxy speaks HTTP/1.1 upstream), as nginx does.
+        (get("/plain", extra="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+             "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"), b"plain -"),
+    ],
+)  # fmt: skip
+async def test_http10_and_h2c_upgrades_are_plain_requests(proxy, raw, expected):
+    async with websocket_backend() as origin:
+        server = await proxy(config_dict({"ws": upstream(origin)}))
+        client = await RawClient.connect(server.proxy_address[1])
+        answer = await client.request(raw)
+        await client.close()
+        assert (answer.status, answer.body) == (200, expected)
+
+
+async def test_a_route_with_upgrade_false_answers_400(proxy):
+    async with websocket_backend() as origin:
+        routes = [{"match": {"path_prefix": "/"}, "upstream": "ws", "upgrade": False}]
+        server = await proxy(config_dict({"ws": upstream(origin)}, routes))
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                await session.ws_connect(ws_url(server))
+            assert caught.value.status == 400
+            async with session.get(ws_url(server, "/plain")) as response:
+                assert response.status == 200
+
+
+async def test_tunnels_survive_reloads_that_change_or_remove_their_upstream(tmp_path):
+    async with websocket_backend() as origin:
+        config = config_dict({"ws": upstream(origin), "other": upstream(origin)})
+        config["shutdown"] = {"grace": 30}
+        path = write_config(tmp_path / "config.yaml", config)
+        server = ProxyServer(parse_config(config), config_path=path)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(ws_url(server))
+                changed = config_dict({"ws": upstream(origin, pool={"limit": 3})})
+                write_config(path, changed)
+                assert (await server.reload())[0]
+                removed = config_dict({"gone": upstream(origin)})
+                write_config(path, removed)
+                assert (await server.reload())[0]
+                await ws.send_str("after two reloads")
+                assert await ws.receive_str() == "echo:after two reloads"
+                await ws.close()
+        finally:
+            await server.stop()
+
+
+async def test_shutdown_closes_open_tunnels_at_the_end_of_grace():
+    async with websocket_backend() as origin:
+        config = config_dict({"ws": upstream(origin)})
+        server = ProxyServer(parse_config(config), shutdown_grace=0.5)
+        await server.start()
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(ws_url(server))
+            stopping = asyncio.ensure_future(server.stop())
+            await asyncio.sleep(0.2)
+            await ws.send_str("during grace")
+            assert await ws.receive_str() == "echo:during grace"
+            message = await asyncio.wait_for(ws.receive(), 5)
+            assert message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+            await asyncio.wait_for(stopping, 5)
+            await ws.close()
+
+
+async def test_a_client_that_does_not_read_holds_memory_bounded(backend, proxy):
+    """The backend pushes 64 MiB into a tunnel whose client reads nothing: the proxy pauses the
+    backend instead of buffering it (its RSS grows by far less than what was pushed)."""
+
+    async def pushes(backend: RawBackend, reader, writer) -> None:
+        request = await read_request(reader)
+        if request is None:
+            return
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\n"
+                     b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+        chunk = b"z" * 65536
+        backend.pushed = 0  # type: ignore[attr-defined]
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1024):
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 30)
+                backend.pushed += len(chunk)  # type: ignore[attr-defined]
+
+    origin = await backend(pushes)
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    before = _rss()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.proxy_address[1])
+    writer.write(raw_upgrade())
+    assert await asyncio.wait_for(read_head(reader), 5) is not None
+    await asyncio.sleep(1.5)  # the backend pushes as fast as the proxy takes it
+    pushed = origin.pushed  # type: ignore[attr-defined]
+    assert pushed < 32 << 20  # the rest is held back by the backend's own socket
+    assert _rss() - before < 16 << 20
+    writer.close()
+
+
+def _rss() -> int:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_every_tunnel_metric_after_a_known_sequence(proxy):
+    async with websocket_backend() as origin:
+        settings = {"tunnels": {"limit": 1}}
+        server = await proxy(config_dict({"ws": upstream(origin, **settings)}))
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(ws_url(server))
+            assert await metric(server, "proxy_tunnels_open", upstream="ws") == 1
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await session.ws_connect(ws_url(server))  # rejected: over the limit
+            await ws.send_bytes(b"12345")
+            assert await ws.receive_bytes() == b"12345"
+            await ws.close()
+            await eventually(lambda: _zero_open(server))
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await session.ws_connect(ws_url(server, "/refuse"))  # refused
+        _, _, text = await admin_get(server, "/metrics")
+        route = {"route": "/", "upstream": "ws"}
+        assert metric_value(text, "proxy_tunnels_total", result="upgraded", **route) == 1
+        assert metric_value(text, "proxy_tunnels_total", result="rejected", **route) == 1
+        assert metric_value(text, "proxy_tunnels_total", result="refused", **route) == 1
+        assert metric_value(text, "proxy_tunnels_total", result="failed", **route) == 0
+        assert metric_value(text, "proxy_tunnel_duration_seconds_count", upstream="ws") == 1
+        # 5 bytes of payload each way, in frames: a 2-byte header plus a 4-byte mask upstream.
+        sent = metric_value(text, "proxy_tunnel_bytes_total", direction="upstream")
+        received = metric_value(text, "proxy_tunnel_bytes_total", direction="downstream")
+        assert sent >= 5 + 6 and received >= 5 + 2
+
+
+async def test_a_tunnel_to_a_target_that_refuses_connections_fails_and_is_counted(proxy):
+    server = await proxy(config_dict({"down": upstream("http://127.0.0.1:1")}))
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await session.ws_connect(ws_url(server))
+        assert caught.value.status == 502
+    assert await metric(server, "proxy_tunnels_total", result="failed") == 1
