@@ -363,3 +363,64 @@ async def test_a_tunnel_to_a_target_that_refuses_connections_fails_and_is_counte
             await session.ws_connect(ws_url(server))
         assert caught.value.status == 502
     assert await metric(server, "proxy_tunnels_total", result="failed") == 1
+
+
+def half_closes_first():
+    """Answers 101 with its last words and a write EOF at once, then records what it reads."""
+
+    async def handler(backend: RawBackend, reader, writer) -> None:
+        request = await read_request(reader)
+        if request is None:
+            return
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\n"
+                     b"Connection: Upgrade\r\n\r\nlast words")  # fmt: skip
+        writer.write_eof()  # the backend is done sending, but still reads
+        backend.tunneled = await asyncio.wait_for(reader.read(), 5)  # type: ignore[attr-defined]
+
+    return handler
+
+
+async def test_the_backends_half_close_reaches_the_client_which_may_still_send(backend, proxy):
+    origin = await backend(half_closes_first())
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.proxy_address[1])
+    writer.write(raw_upgrade())
+    assert await asyncio.wait_for(read_head(reader), 5) is not None
+    assert await asyncio.wait_for(reader.read(), 5) == b"last words"  # then EOF
+    writer.write(b"the client still talks")
+    writer.write_eof()
+    await eventually(lambda: _has(origin, "tunneled"))
+    assert origin.tunneled == b"the client still talks"  # type: ignore[attr-defined]
+    writer.close()
+
+
+async def _has(thing: object, name: str) -> bool:
+    return hasattr(thing, name)
+
+
+async def test_a_tunnel_writes_one_access_log_line_when_it_closes(tmp_path):
+    import io
+    import json
+
+    async with websocket_backend() as origin:
+        stream = io.StringIO()
+        config = parse_config(config_dict({"ws": upstream(origin)}))
+        server = ProxyServer(config, access_log_stream=stream, shutdown_grace=1)
+        await server.start()
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(ws_url(server), compress=0) as ws,
+            ):
+                await ws.send_bytes(b"12345")
+                assert await ws.receive_bytes() == b"12345"
+                await ws.close()
+            await eventually(lambda: _zero_open(server))
+        finally:
+            await server.stop()
+    (line,) = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    # Frames as they crossed: a masked 5-byte binary frame (2 + 4 + 5) and a masked close with
+    # its code (2 + 4 + 2) from the client; the echo (2 + 5) and the close reply (2 + 2) back.
+    assert (entry["status"], entry["bytes_received"], entry["bytes"]) == (101, 19, 11)
+    assert entry["duration"] > 0 and entry["target"] == "/ws"
