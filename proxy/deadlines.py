@@ -118,6 +118,11 @@ class DeadlineHandler(RequestHandler):
                 self._payload = payload
                 if not payload.is_eof():
                     self._arm(now + self._deadlines.body)
+                elif message.upgrade and not self._upgraded:
+                    # aiohttp switches only for "websocket": for any other protocol, bytes the
+                    # client sends before the 101 would be parsed as HTTP. Keep them for the
+                    # tunnel (aiohttp parses them as HTTP after all if the upgrade is refused).
+                    self._upgraded = True
             elif self._payload is not None and not self._payload.is_eof():
                 # A parse error inside the body being read (a bad chunk size): aiohttp queues
                 # it as the next request's error and leaves this body waiting for ever. The
@@ -132,10 +137,10 @@ class DeadlineHandler(RequestHandler):
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         # An upgraded connection half-closed by the client: tell the relay (tunnel.py), and
-        # keep the connection open for what the upstream still sends.
+        # keep the connection open for what the upstream still sends (TLS cannot half-close).
         if self._payload_parser is not None:
             self._payload_parser.feed_eof()
-            return True
+            return self.ssl_context is None or None
         return None
 
     def pause_writing(self) -> None:
@@ -182,7 +187,7 @@ class DeadlineHandler(RequestHandler):
                 if now - self._last_read >= deadlines.body:
                     return self._expire("body")
                 due.append(self._last_read + deadlines.body)
-        elif self._head_started is not None:
+        elif self._head_started is not None and not self._upgraded:
             if self._current_request is not None:
                 due.append(now + _RECHECK)  # a pipelined head: due once the response is sent
             elif now - self._head_started >= deadlines.header:

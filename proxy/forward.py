@@ -92,9 +92,10 @@ class Forwarder:
         try:
             return await self._handle(request, exchange)
         except asyncio.CancelledError:  # the client went away (handler_cancellation=True)
-            exchange.status = 499
-            if exchange.upstream and exchange.error is None:
-                exchange.error = "client_abort"
+            if exchange.tunnel != "upgraded":  # a tunnel's client closing is how it ends
+                exchange.status = 499
+                if exchange.upstream and exchange.error is None:
+                    exchange.error = "client_abort"
             raise
         except Exception:  # a bug: answer and count it as what it is, a 500
             log.exception("%s %s: internal error", request.method, request.raw_path)
@@ -393,7 +394,9 @@ def _forwardable(upstream_response: aiohttp.ClientResponse, upgrading: bool) -> 
     must not be forwarded (the caller answers 502)."""
     status = upstream_response.status
     headers = hdrs.to_client(upstream_response.headers)
-    if status == 101 and upgrading:
+    # A 101 switches only with an Upgrade header (RFC 9110 §15.2.2); without one aiohttp has
+    # already released the connection it came on.
+    if status == 101 and upgrading and upstream_response.connection is not None:
         headers = tunnel.switching_headers(upstream_response.headers, headers)
     # aiohttp passes "000" as 0 and any three digits; 1xx other than 101 it consumes itself.
     # A 101 to a request that asked for no upgrade answers a question nobody asked, and the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -79,6 +79,18 @@ class _Sink:
         self.reader.feed_eof()
 
 
+def _end_writing(transport: asyncio.BaseTransport | None) -> None:
+    """The other side's EOF: half-close this one, or, where TLS cannot (no write EOF in
+    TLS 1.2/1.3 over asyncio), close it once what is buffered has been written."""
+    if transport is None or transport.is_closing():
+        return
+    with contextlib.suppress(OSError):  # a peer already gone: nothing left to tell it
+        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+
 async def relay(
     request: web.BaseRequest,
     response: ForwardedResponse,
@@ -89,10 +101,10 @@ async def relay(
 ) -> None:
     """Send the 101 and copy bytes both ways until both sides have closed (or one failed, or
     nothing moved for `idle_timeout` seconds, 0 = never). Bytes that came with the upstream's
-    101 head go first; so do bytes the client sent before it."""
+    101 head go first; so do bytes the client sent after its request and before the 101."""
     loop = asyncio.get_running_loop()
     connection = upstream_response.connection
-    assert connection is not None and connection.protocol is not None
+    assert connection is not None and connection.protocol is not None  # _forwardable checked
     upstream_protocol: ResponseHandler = connection.protocol
     client_protocol = request.protocol
     from_client = aiohttp.StreamReader(client_protocol, _BUFFER, loop=loop)
@@ -101,59 +113,41 @@ async def relay(
 
     await response.prepare(request)
     response.flush_headers(request)
+    # timeouts.read must not cut a quiet tunnel: idle_timeout is the tunnel's own (aiohttp's
+    # ws_connect does the same).
+    upstream_protocol.read_timeout = None
     client_protocol.set_parser(_Sink(from_client))  # type: ignore[arg-type]
     upstream_protocol.set_parser(_Sink(from_upstream), from_upstream)
 
-    async def to_client(chunk: bytes) -> None:
-        await response.write(chunk)
+    timer = asyncio.timeout(loop.time() + idle_timeout if idle_timeout else None)
 
-    async def pump(source: aiohttp.StreamReader, write: Callable[[bytes], object],
-                   direction: str, end: Callable[[], None]) -> None:  # fmt: skip
+    async def pump(source: aiohttp.StreamReader, write: Callable[[bytes], Awaitable[None]],
+                   direction: str, other: asyncio.BaseTransport | None) -> None:  # fmt: skip
         while chunk := await source.readany():
-            if timer is not None:
+            if idle_timeout:
                 timer.reschedule(loop.time() + idle_timeout)
-            await write(chunk)  # type: ignore[misc]
+            await write(chunk)
             on_bytes(direction, len(chunk))
             if direction == "upstream":
                 exchange.bytes_received += len(chunk)
             else:
                 exchange.bytes_sent += len(chunk)
-        end()  # the source's EOF: a write EOF on the other side (half-close)
+        _end_writing(other)  # the source's EOF ends the other direction (half-close)
 
-    def end_upstream() -> None:
-        transport = upstream_protocol.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-
-    def end_client() -> None:
-        transport = request.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-
-    timer: asyncio.Timeout | None = None
-    tasks: list[asyncio.Future[None]] = []
+    tasks = [
+        asyncio.ensure_future(
+            pump(from_client, to_upstream.write, "upstream", upstream_protocol.transport)
+        ),
+        asyncio.ensure_future(pump(from_upstream, response.write, "downstream", request.transport)),
+    ]
     try:
-        async with asyncio.timeout(None) as timer:
-            if idle_timeout:
-                timer.reschedule(loop.time() + idle_timeout)
-            else:
-                timer = None
-            tasks = [
-                asyncio.ensure_future(
-                    pump(from_client, to_upstream.write, "upstream", end_upstream)
-                ),
-                asyncio.ensure_future(pump(from_upstream, to_client, "downstream", end_client)),
-            ]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # a failed side ends the tunnel
-            await asyncio.gather(*tasks)
-    except (TimeoutError, ConnectionError, aiohttp.ClientError, RuntimeError):
+        async with timer:
+            await asyncio.gather(*tasks)  # the first failure (a side gone) ends the tunnel
+    except (TimeoutError, OSError, aiohttp.ClientError, RuntimeError):
         pass  # idle for too long, or one side went away: both are closed below
     finally:
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         response.force_close()
         upstream_response.close()

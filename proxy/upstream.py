@@ -87,7 +87,7 @@ class GuardedResponseHandler(ResponseHandler):
         # keep the connection open for what the client still sends.
         if self._payload_parser is not None:
             self._payload_parser.feed_eof()
-            return True
+            return self.transport is None or self.transport.get_extra_info("sslcontext") is None
         return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -424,3 +425,99 @@ async def test_a_tunnel_writes_one_access_log_line_when_it_closes(tmp_path):
     # its code (2 + 4 + 2) from the client; the echo (2 + 5) and the close reply (2 + 2) back.
     assert (entry["status"], entry["bytes_received"], entry["bytes"]) == (101, 19, 11)
     assert entry["duration"] > 0 and entry["target"] == "/ws"
+
+
+# --- found by review -----------------------------------------------------------------------------
+
+
+async def test_a_quiet_tunnel_outlives_the_upstream_read_timeout(backend, proxy):
+    origin = await backend(switches(b"hi"))
+    settings = {"timeouts": {"read": 0.3}, "tunnels": {"idle_timeout": 0}}
+    server = await proxy(config_dict({"x": upstream(origin.url, **settings)}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.proxy_address[1])
+    writer.write(raw_upgrade())
+    assert await asyncio.wait_for(read_head(reader), 5) is not None
+    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+    await asyncio.sleep(1.0)  # more than timeouts.read of silence from the backend
+    writer.write(b"still here")
+    assert await asyncio.wait_for(reader.readexactly(10), 5) == b"STILL HERE"
+    writer.close()
+
+
+async def test_bytes_a_client_sends_before_the_101_of_any_upgrade_reach_the_backend(backend, proxy):
+    async def slow_switch(backend: RawBackend, reader, writer) -> None:
+        request = await read_request(reader)
+        if request is None:
+            return
+        await asyncio.sleep(0.3)  # the client's early bytes arrive meanwhile
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\n"
+                     b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+        backend.tunneled = await reader.readexactly(14)  # type: ignore[attr-defined]
+
+    origin = await backend(slow_switch)
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.proxy_address[1])
+    writer.write(raw_upgrade())
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"EARLY-1\r\nhello")  # not HTTP: must not be parsed as a request
+    assert await asyncio.wait_for(read_head(reader), 5) is not None
+    await eventually(lambda: _has(origin, "tunneled"))
+    assert origin.tunneled == b"EARLY-1\r\nhello"  # type: ignore[attr-defined]
+    writer.close()
+
+
+async def test_a_101_without_upgrade_is_a_502(backend, proxy):
+    from tests.support import answering
+
+    origin = await backend(answering(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"))
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    client = await RawClient.connect(server.proxy_address[1])
+    answer = await client.request(raw_upgrade())
+    await client.close()
+    assert answer.status == 502
+
+
+async def test_over_tls_the_backends_close_ends_the_tunnel(backend, proxy, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(tmp_path / "c.pem")
+    origin = await backend(half_closes_first())
+    tls = {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "c.pem")}
+    server = await proxy(config_dict({"x": upstream(origin.url)}, listen={"tls": tls}))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", server.proxy_address[1], ssl=context
+    )
+    writer.write(raw_upgrade())
+    assert await asyncio.wait_for(read_head(reader), 5) is not None
+    # TLS cannot half-close: the backend's EOF closes the client's connection, after its bytes.
+    assert await asyncio.wait_for(reader.read(), 5) == b"last words"
+    writer.close()
+    await eventually(lambda: _zero(server, "x"))
+
+
+async def _zero(server: ProxyServer, name: str) -> bool:
+    return await metric(server, "proxy_tunnels_open", upstream=name) == 0
+
+
+async def test_a_client_reset_ends_a_tunnel_quietly_as_a_101(proxy, caplog):
+    import socket
+    import struct
+
+    async with websocket_backend() as origin:
+        server = await proxy(config_dict({"ws": upstream(origin)}))
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(ws_url(server))
+            await ws.send_str("x")
+            sock = ws._response.connection.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws._response.connection.transport.abort()  # type: ignore[union-attr]
+            await eventually(lambda: _zero_open(server))
+            await ws.close()
+        assert await metric(server, "proxy_requests_total", code="101") == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
