@@ -27,6 +27,7 @@ from tests.support import (
     REPO,
     RawBackend,
     RawClient,
+    RawResponse,
     admin_get,
     answering,
     config_dict,
@@ -277,14 +278,18 @@ async def test_a_tls_client_that_never_handshakes_is_closed_at_the_header_deadli
     writer.close()
     assert time.monotonic() - started < 2
     assert await metric(server, "proxy_client_timeouts_total", phase="header") == 1
-    # A client that does handshake is served.
+    assert (await tls_get(port, ca, "/tls")).body == b"/tls"  # one that handshakes is served
+
+
+async def tls_get(port: int, ca: trustme.CA, path: str) -> RawResponse:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
-    writer.write(get("/tls"))
-    answer = await asyncio.wait_for(read_response(reader), 5)
-    writer.close()
-    assert answer.body == b"/tls"
+    writer.write(get(path))
+    try:
+        return await asyncio.wait_for(read_response(reader), 5)
+    finally:
+        writer.close()
 
 
 # --- the listener at its limits ---------------------------------------------------------------
@@ -670,13 +675,7 @@ async def test_tls_clients_that_never_handshake_do_not_stop_the_listener_at_its_
         assert await read_until_closed(reader, 3) == b""
     for _, writer in silent:
         writer.close()
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
-    writer.write(get("/after"))
-    answer = await asyncio.wait_for(read_response(reader), 5)
-    writer.close()
-    assert answer.body == b"/after"
+    assert (await tls_get(port, ca, "/after")).body == b"/after"
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,9 @@ async def _zero_open(server: ProxyServer) -> bool:
     return await metric(server, "proxy_tunnels_open", upstream="ws") == 0
 
 
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\nConnection: Upgrade\r\n\r\n"
+
+
 def raw_upgrade(path: str = "/", protocol: str = "x-test/1", extra: str = "") -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n"
@@ -298,8 +301,7 @@ async def test_a_client_that_does_not_read_holds_memory_bounded(backend, proxy):
         request = await read_request(reader)
         if request is None:
             return
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\n"
-                     b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+        writer.write(SWITCHING)
         chunk = b"z" * 65536
         backend.pushed = 0  # type: ignore[attr-defined]
         with contextlib.suppress(ConnectionError):
@@ -373,8 +375,7 @@ def half_closes_first():
         request = await read_request(reader)
         if request is None:
             return
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\n"
-                     b"Connection: Upgrade\r\n\r\nlast words")  # fmt: skip
+        writer.write(SWITCHING + b"last words")
         writer.write_eof()  # the backend is done sending, but still reads
         backend.tunneled = await asyncio.wait_for(reader.read(), 5)  # type: ignore[attr-defined]
 
@@ -450,8 +451,7 @@ async def test_bytes_a_client_sends_before_the_101_of_any_upgrade_reach_the_back
         if request is None:
             return
         await asyncio.sleep(0.3)  # the client's early bytes arrive meanwhile
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-test/1\r\n"
-                     b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+        writer.write(SWITCHING)
         backend.tunneled = await reader.readexactly(14)  # type: ignore[attr-defined]
 
     origin = await backend(slow_switch)
