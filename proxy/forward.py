@@ -398,6 +398,9 @@ def _forwardable(upstream_response: aiohttp.ClientResponse, upgrading: bool) -> 
     # already released the connection it came on.
     if status == 101 and upgrading and upstream_response.connection is not None:
         headers = tunnel.switching_headers(upstream_response.headers, headers)
+    elif status == 426:  # Upgrade Required must say which (RFC 9110 §15.5.22)
+        for value in upstream_response.headers.getall("Upgrade", ()):
+            headers.add("Upgrade", value)
     # aiohttp passes "000" as 0 and any three digits; 1xx other than 101 it consumes itself.
     # A 101 to a request that asked for no upgrade answers a question nobody asked, and the
     # bytes after it are not HTTP (RFC 9110 §15.2.2).

@@ -521,3 +521,20 @@ async def test_a_client_reset_ends_a_tunnel_quietly_as_a_101(proxy, caplog):
             await ws.close()
         assert await metric(server, "proxy_requests_total", code="101") == 1
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_426_keeps_its_upgrade_header(backend, proxy):
+    from tests.support import answering, http_response
+
+    required = http_response(426, "Upgrade Required", [("Upgrade", "x-test/2"),
+                                                        ("Connection", "Upgrade")])  # fmt: skip
+    origin = await backend(answering(required))
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    client = await RawClient.connect(server.proxy_address[1])
+    answer = await client.request(get("/"))
+    await client.close()
+    assert (answer.status, answer.all("Upgrade"), answer.all("Connection")) == (
+        426,
+        ["x-test/2"],
+        [],
+    )
