@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from proxy.forward import Snapshot
+from proxy.snapshot import Snapshot
 
 
 def pools_view(snapshot: Snapshot) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The hot path: route a client request, stream it to a target, stream the answer back.
 
-Reads top to bottom as the data flows. Upstream failures are classified by failures.py and
-retries decided by retry.py. Knows nothing of YAML or Prometheus.
+Reads top to bottom as the data flows. What is accepted from a client is intake.py's, what the
+client gets respond.py's, upgrades tunnel.py's; upstream failures are classified by failures.py
+and retries decided by retry.py. Knows nothing of YAML or Prometheus.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,9 +19,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
-from proxy import intake, tunnel
+from proxy import intake, respond, tunnel
 from proxy.balancing import TargetState
-from proxy.deadlines import body_finished
 from proxy.exchange import Exchange
 from proxy.failures import (
     CLIENT_ABORT,
@@ -32,25 +32,11 @@ from proxy.failures import (
 )
 from proxy.listener import ForwardedResponse, plain_response
 from proxy.retry import retry_reason, within_budget
-from proxy.routing import RoutingTable, forwarded_path, host_key
+from proxy.routing import forwarded_path, host_key
+from proxy.snapshot import Snapshot
 from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream
 
 log = logging.getLogger("proxy")
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What one request reads, once, at its start: a reload swaps the whole snapshot."""
-
-    routes: RoutingTable
-    upstreams: Mapping[str, Upstream]
-
-    def start(self) -> None:
-        for upstream in self.upstreams.values():
-            upstream.start()
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(u.aclose() for u in self.upstreams.values()))
 
 
 Observer = Callable[[Exchange], None]
@@ -125,9 +111,9 @@ class Forwarder:
                 underscores=self._underscores,
             )  # fmt: skip
         except intake.Refusal as refusal:
-            return _refuse(exchange, refusal)
+            return respond.refuse(exchange, refusal)
         except ValueError:  # hdrs.to_upstream
-            return _answer(exchange, 400, "header values must be UTF-8 text")
+            return respond.answer(exchange, 400, "header values must be UTF-8 text")
         upstream = snapshot.upstreams[route.upstream]
         if to.absolute and to.host is not None:
             out_headers["Host"] = to.host
@@ -135,11 +121,11 @@ class Forwarder:
         upgrade = tunnel.upgrade_asked(request)
         if upgrade is not None:
             if not route.upgrade:
-                return _answer(exchange, 400, "this route does not upgrade connections")
+                return respond.answer(exchange, 400, "this route does not upgrade connections")
             limit = upstream.settings.tunnels.limit
             if limit and upstream.tunnels_open >= limit:
                 exchange.tunnel = "rejected"
-                return _answer(exchange, 503, "too many tunnels to this upstream", busy=True)
+                return respond.answer(exchange, 503, "too many tunnels to this upstream", busy=True)
             tunnel.with_upgrade(out_headers, upgrade)  # which is how _attempt knows
             upstream.tunnels_open += 1
         upstream.in_flight += 1
@@ -190,9 +176,9 @@ class Forwarder:
                     upstream.settings.retries.budget,
                 )
             ):
-                _log_failure(request, outcome.url, upstream, failure, outcome.exc, "")
+                respond.log_failure(request, outcome.url, upstream, failure, outcome.exc, "")
                 exchange.error = failure.kind
-                return _answer(exchange, failure.status, failure.detail)
+                return respond.answer(exchange, failure.status, failure.detail)
             upstream.retries[reason] = upstream.retries.get(reason, 0) + 1
             upstream.stale += reason == "stale"
             fresh_only = reason == "stale"
@@ -236,13 +222,13 @@ class Forwarder:
                 exchange.upstream_seconds = time.perf_counter() - sent
                 exchange.reused = acquisition.reused
                 try:
-                    response = _forwardable(upstream_response, upgrading)
+                    response = respond.forwardable(upstream_response, upgrading)
                     upstream.answered(target, acquisition, upstream_response)
                     exchange.status = response.status
                     await response.prepare(request)
                 except ConnectionError:  # the client went away while we waited
                     assert response is not None
-                    return _failed(exchange, CLIENT_ABORT, response)
+                    return respond.failed_after_headers(exchange, CLIENT_ABORT, response)
                 except ValueError as exc:  # a response no client should get
                     # ...and a connection no request should reuse: aiohttp may have pooled it
                     # already (a body-less response is complete with its head).
@@ -250,9 +236,9 @@ class Forwarder:
                     if acquisition.protocol is not None:
                         acquisition.protocol.close()
                     upstream.failed(target, UNFORWARDABLE.kind)
-                    _log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
+                    respond.log_failure(request, url, upstream, UNFORWARDABLE, exc, "")
                     exchange.error = UNFORWARDABLE.kind
-                    return _answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
+                    return respond.answer(exchange, UNFORWARDABLE.status, UNFORWARDABLE.detail)
                 if upgrading:
                     exchange.tunnel = "upgraded" if response.status == 101 else "refused"
                     if response.status == 101:
@@ -260,31 +246,40 @@ class Forwarder:
                                            upstream.settings.tunnels.idle_timeout,
                                            upstream.count_tunnel_bytes)  # fmt: skip
                         return response
-                broken = await _copy_body(request, upstream_response.content, response, exchange)
+                broken = await respond.copy_body(
+                    request, upstream_response.content, response, exchange
+                )
                 if broken is not None:
-                    return _broken_after_headers(request, url, upstream, target, response,
-                                                 exchange, *broken)  # fmt: skip
+                    return respond.broken_after_headers(
+                        request, url, upstream, target, response, exchange, *broken
+                    )
                 await response.write_eof()
                 return response
         except PoolFull:
             upstream.pending_rejected += 1
-            return _answer(exchange, 503, "too many requests wait for this upstream", busy=True)
+            return respond.answer(
+                exchange, 503, "too many requests wait for this upstream", busy=True
+            )
         except UPSTREAM_ERRORS as exc:
             started = response is not None and response.prepared
             client_failure = intake.client_body_failure(request)
             if client_failure is not None:  # the client's body failed, not the upstream
-                return _client_failed(request, exchange, response if started else None,
-                                      *client_failure)  # fmt: skip
+                return respond.client_failed(
+                    request, exchange, response if started else None, *client_failure
+                )
             if started:
                 assert response is not None
                 # After the headers nothing is retried, and a connection error here is the
                 # client's (aiohttp's ClientConnectionResetError is a ClientError too).
                 failure = CLIENT_ABORT if isinstance(exc, ConnectionError) else classify(exc)
-                return _broken_after_headers(request, url, upstream, target, response,
-                                             exchange, failure, exc)  # fmt: skip
+                return respond.broken_after_headers(
+                    request, url, upstream, target, response, exchange, failure, exc
+                )
             if acquisition.queued:  # the connect timeout ran out while waiting for a slot
                 exchange.error = "timeout"
-                return _answer(exchange, 503, "no upstream connection free in time", busy=True)
+                return respond.answer(
+                    exchange, 503, "no upstream connection free in time", busy=True
+                )
             if upgrading:
                 exchange.tunnel = "failed"  # unless a retry upgrades it after all
             failure, reached = classify(exc), phase(exc)
@@ -294,156 +289,6 @@ class Forwarder:
         finally:
             target.in_flight -= 1
             exchange.pool_wait += acquisition.waited
-
-
-def _answer(exchange: Exchange, status: int, detail: str, *, busy: bool = False) -> web.Response:
-    """A response the proxy makes itself, recorded as what the client got. `busy`: the
-    upstream is overloaded, so tell the client when to come back (RFC 9110 §10.2.3)."""
-    response = plain_response(status, detail)
-    if busy:
-        response.headers["Retry-After"] = "1"
-    exchange.status = status
-    exchange.bytes_sent = len(response.body)  # type: ignore[arg-type]
-    return response
-
-
-def _broken_after_headers(
-    request: web.BaseRequest,
-    url: URL,
-    upstream: Upstream,
-    target: TargetState,
-    response: web.StreamResponse,
-    exchange: Exchange,
-    failure: Failure,
-    exc: BaseException,
-) -> web.StreamResponse:
-    """The response had started when `failure` happened: never retried; the target is blamed
-    (unless the client left) and the client connection is cut."""
-    if failure is not CLIENT_ABORT:
-        upstream.failed(target, failure.kind)
-        _log_failure(request, url, upstream, failure, exc, _AFTER_HEADERS)
-    _abort(request, response)
-    return _failed(exchange, failure, response)
-
-
-def _failed(
-    exchange: Exchange, failure: Failure, response: web.StreamResponse
-) -> web.StreamResponse:
-    """After the headers: the status stays what the client saw, unless the client left."""
-    exchange.error = failure.kind
-    if failure is CLIENT_ABORT:
-        exchange.status = 499
-    return response
-
-
-_AFTER_HEADERS = "after the response headers (client connection aborted) "
-
-
-def _log_failure(
-    request: web.BaseRequest,
-    url: URL,
-    upstream: Upstream,
-    failure: Failure,
-    exc: BaseException | None,
-    when: str,
-) -> None:
-    log.warning(
-        "%s %s -> upstream %s: %s %s(%r)",
-        request.method,
-        url,
-        upstream.name,
-        failure.detail,
-        when,
-        exc,
-    )
-
-
-async def _copy_body(
-    request: web.BaseRequest,
-    source: aiohttp.StreamReader,
-    response: ForwardedResponse,
-    exchange: Exchange,
-) -> tuple[Failure, BaseException] | None:
-    """Copy each chunk as it arrives (SSE needs that); `write` waits while the client is slow.
-    Reads fail on the upstream's side, writes on the client's: the failure says which."""
-    try:
-        # Bytes that came in with the headers leave with them, in one write; if there are
-        # none yet, the client must not wait for the headers until the body starts.
-        chunk = source.read_nowait()
-    except UPSTREAM_ERRORS as exc:
-        return classify(exc), exc
-    if not chunk:
-        response.flush_headers(request)
-    while True:
-        if chunk:
-            try:
-                await response.write(chunk)
-            except ConnectionError as exc:
-                return CLIENT_ABORT, exc
-            exchange.bytes_sent += len(chunk)
-        try:
-            chunk = await source.readany()
-        except UPSTREAM_ERRORS as exc:
-            return classify(exc), exc
-        if not chunk:
-            return None
-
-
-def _forwardable(upstream_response: aiohttp.ClientResponse, upgrading: bool) -> ForwardedResponse:
-    """The client's copy of the upstream's status line and headers; ValueError for one that
-    must not be forwarded (the caller answers 502)."""
-    status = upstream_response.status
-    headers = hdrs.to_client(upstream_response.headers)
-    # A 101 switches only with an Upgrade header (RFC 9110 §15.2.2); without one aiohttp has
-    # already released the connection it came on.
-    if status == 101 and upgrading and upstream_response.connection is not None:
-        headers = tunnel.switching_headers(upstream_response.headers, headers)
-    elif status == 426:  # Upgrade Required must say which (RFC 9110 §15.5.22)
-        for value in upstream_response.headers.getall("Upgrade", ()):
-            headers.add("Upgrade", value)
-    # aiohttp passes "000" as 0 and any three digits; 1xx other than 101 it consumes itself.
-    # A 101 to a request that asked for no upgrade answers a question nobody asked, and the
-    # bytes after it are not HTTP (RFC 9110 §15.2.2).
-    elif not 200 <= status <= 599:
-        raise ValueError(f"status {status} cannot answer this request")
-    return ForwardedResponse(status=status, reason=upstream_response.reason, headers=headers)
-
-
-def _refuse(exchange: Exchange, refusal: intake.Refusal) -> web.Response:
-    response = _answer(exchange, refusal.status, refusal.detail)
-    if refusal.close:
-        response.force_close()
-    return response
-
-
-def _client_failed(
-    request: web.BaseRequest,
-    exchange: Exchange,
-    response: web.StreamResponse | None,
-    refusal: intake.Refusal,
-    exc: BaseException,
-) -> web.StreamResponse:
-    """The client's request body failed: a 4xx if no response started, else a cut connection;
-    never counted against the target."""
-    log.info("%s %s from %s: %s (%r)", request.method, request.raw_path, request.remote,
-             refusal.detail, exc)  # fmt: skip
-    body_finished(request)
-    if response is None:
-        return _refuse(exchange, refusal)
-    _abort(request, response)
-    exchange.status = 499
-    return response
-
-
-def _abort(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """After the headers went out, a broken body must look broken: cut the connection.
-
-    Returning normally would make aiohttp send the final chunk (or leave a Content-Length short
-    on a live connection), and the client would take a truncated body for a complete one.
-    """
-    response.force_close()
-    if request.transport is not None:
-        request.transport.abort()
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:

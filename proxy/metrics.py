@@ -28,7 +28,7 @@ from proxy import __version__
 from proxy.accept import PAUSE_REASONS
 from proxy.deadlines import TIMEOUT_PHASES
 from proxy.exchange import Exchange
-from proxy.forward import Snapshot
+from proxy.snapshot import Snapshot
 from proxy.upstream import DISCARD_REASONS
 
 METHODS = frozenset(

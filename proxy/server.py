@@ -25,12 +25,13 @@ from proxy.admin import admin_app
 from proxy.config import Config, ConfigError, load_config
 from proxy.deadlines import Deadlines
 from proxy.exchange import Exchange
-from proxy.forward import Forwarder, Snapshot
+from proxy.forward import Forwarder
 from proxy.internals import AiohttpMoved, check_aiohttp
 from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.reload import describe_changes
 from proxy.routing import RoutingTable
+from proxy.snapshot import Snapshot
 from proxy.tls import server_context
 from proxy.upstream import Upstream
 
