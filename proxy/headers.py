@@ -51,6 +51,7 @@ def _end_to_end(
     *,
     same_spelling: bool = False,
     underscores: bool = True,
+    check_names: bool = False,
 ) -> CIMultiDict[str]:
     # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1), except
     # Host: a request has exactly one, whatever Connection says (AIOHTTP-NOTES §1.16).
@@ -63,6 +64,8 @@ def _end_to_end(
     out: CIMultiDict[str] = CIMultiDict()
     spelling: dict[str, str] = {}
     for name, value in headers.items():
+        if check_names and _FIELD_NAME.fullmatch(name) is None:
+            raise ValueError(f"invalid header name {name!r}")
         lower = name.lower()
         if lower in drop or lower in listed:
             continue
@@ -113,7 +116,5 @@ def to_upstream(
 def to_client(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """Response headers as sent to the client: every end-to-end header, in order.
     Raises ValueError for a field name that is not a token, or a value that was not UTF-8."""
-    for name in headers:
-        if _FIELD_NAME.fullmatch(name) is None:
-            raise ValueError(f"invalid header name {name!r}")
-    return _end_to_end(headers, HOP_BY_HOP)
+    # aiohttp's server parser already refuses a request's bad names; its client parser does not.
+    return _end_to_end(headers, HOP_BY_HOP, check_names=True)
