@@ -241,6 +241,29 @@ class PoolConnector(aiohttp.TCPConnector):
         return {target: (active, idle) for target, (active, idle) in stats.items()}
 
 
+def _proxy_session(connector: PoolConnector, timeouts: config.Timeouts) -> aiohttp.ClientSession:
+    """A ClientSession that passes requests through as they are (AIOHTTP-NOTES §0, §10)."""
+    session = aiohttp.ClientSession(
+        connector=connector,
+        # Never the default total=300 s: it would cut every long stream at 5 minutes.
+        # `connect` bounds the wait for a pool slot plus the TCP connect; `sock_read`
+        # bounds the silence between two reads.
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=timeouts.connect, sock_read=timeouts.read
+        ),
+        auto_decompress=False,  # bodies pass through compressed as they are
+        cookie_jar=aiohttp.DummyCookieJar(),  # a shared jar would mix users' cookies
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        trust_env=False,  # HTTP_PROXY in the environment must not reroute upstream traffic
+        raise_for_status=False,
+    )
+    # aiohttp silently retries an idempotent request once on a broken connection; the proxy
+    # makes every retry itself, by its own rules, and counts it (retry.py). Checked at
+    # start-up by internals.py.
+    session._retry_connection = False
+    return session
+
+
 class Upstream:
     """A named pool of targets. Build inside the running event loop; `start()` begins its
     health checks; close with `aclose()`."""
@@ -278,39 +301,15 @@ class Upstream:
             # Needed only where Python's SSL transport can leak aborted sockets (< 3.12.8).
             enable_cleanup_closed=https and sys.version_info < (3, 12, 8),
         )
-        self.session = aiohttp.ClientSession(
-            connector=self.connector,
-            # Never the default total=300 s: it would cut every long stream at 5 minutes.
-            # `connect` bounds the wait for a pool slot plus the TCP connect; `sock_read`
-            # bounds the silence between two reads.
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=settings.timeouts.connect, sock_read=settings.timeouts.read
-            ),
-            auto_decompress=False,  # bodies pass through compressed as they are
-            cookie_jar=aiohttp.DummyCookieJar(),  # a shared jar would mix users' cookies
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            trust_env=False,  # HTTP_PROXY in the environment must not reroute upstream traffic
-            raise_for_status=False,
-        )
-        # aiohttp silently retries an idempotent request once on a broken connection; the
-        # proxy makes every retry itself, by its own rules, and counts it (retry.py).
-        # Checked at start-up by internals.py.
-        self.session._retry_connection = False
+        self.session = _proxy_session(self.connector, settings.timeouts)
         # Upgraded connections (tunnel.py) have a session of their own: a tunnel holds its
         # connection for as long as it lives, so it must not take a slot of pool.limit, and
         # its connection is never pooled. tunnels.limit is enforced by forward.py.
-        self.tunnel_session = aiohttp.ClientSession(
-            connector=PoolConnector(
-                name=name, ssl=self.ssl, limit=0, force_close=True,
-                enable_cleanup_closed=https and sys.version_info < (3, 12, 8),
-            ),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=settings.timeouts.connect, sock_read=settings.timeouts.read
-            ),
-            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS, trust_env=False, raise_for_status=False,
+        tunnel_connector = PoolConnector(
+            name=name, ssl=self.ssl, limit=0, force_close=True,
+            enable_cleanup_closed=https and sys.version_info < (3, 12, 8),
         )  # fmt: skip
-        self.tunnel_session._retry_connection = False
+        self.tunnel_session = _proxy_session(tunnel_connector, settings.timeouts)
         self.tunnels_open = 0  # upgrade requests being forwarded or relayed now
         self.tunnel_bytes = {"upstream": 0, "downstream": 0}  # relayed since start
 
