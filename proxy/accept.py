@@ -178,10 +178,11 @@ class GuardedSite(web.BaseSite):
         infos = await loop.getaddrinfo(
             self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        sockets: list[socket.socket] = []
+        sockets = bind_all(infos, reuse_address=True, reuse_port=self._reuse_port)
         try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sockets.append(self._bind(family, kind, proto, address))
+            for sock in sockets:
+                sock.listen(self._backlog)
+                sock.setblocking(False)
         except OSError:
             for sock in sockets:
                 sock.close()
@@ -194,18 +195,26 @@ class GuardedSite(web.BaseSite):
             handshake_timeout=self._handshake_timeout,
         )
 
-    def _bind(self, family: int, kind: int, proto: int, address: Any) -> socket.socket:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self._reuse_port:
+
+def bind_all(
+    infos: list[tuple[Any, ...]], *, reuse_address: bool, reuse_port: bool
+) -> list[socket.socket]:
+    """A TCP socket bound to each distinct address of `infos` (getaddrinfo's answer), as asyncio
+    binds them (IPv6 sockets v6-only); all closed again if one cannot be bound."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-        except OSError:
+    except OSError:
+        for sock in sockets:
             sock.close()
-            raise
-        return sock
+        raise
+    return sockets

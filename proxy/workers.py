@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from proxy.accept import bind_all
 from proxy.admin import healthz, reload_handler
 from proxy.config import Config
 from proxy.merging import Merged, Merger
@@ -58,21 +59,11 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
     supervisor's lifetime, the port stays the proxy's while workers restart. The kernel hands
     connections to listening sockets only, so this one takes none (probed on Linux 6.x).
     No SO_REUSEADDR: with it, another process's SO_REUSEADDR socket could bind beside it."""
-    sockets: list[socket.socket] = []
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in dict.fromkeys(found):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
-            sock.bind(address)
+        return bind_all(found, reuse_address=False, reuse_port=True)
     except OSError as exc:
-        for sock in sockets:
-            sock.close()
         raise cannot_listen(host, port, "listen", exc) from None
-    return sockets
 
 
 class Supervisor:
