@@ -50,10 +50,18 @@ class MalformedBody(ClientBodyError):
     """aiohttp's parser refused the request body (a bad chunk size, say)."""
 
 
-class _Manager(Protocol):
+class ClientServer(Protocol):
+    """What a client connection counts on its server for (listener.py's ProxyHTTPServer)."""
+
     deadlines: Deadlines
     client_timeouts: dict[str, int]
     on_rejected: Callable[[str | None, int], None]
+
+    def handed_off(self, handler: RequestHandler) -> None:
+        """`handler`'s connection left aiohttp (a tunnel, tunnel.py); it is still open."""
+
+    def handed_off_closed(self) -> None:
+        """A connection handed off has closed."""
 
 
 _TIMEOUT_BODY = b"408 Request Timeout: the request head was not received in time\n"
@@ -67,7 +75,7 @@ _RECHECK = 1.0  # s: how soon to look again at what cannot be decided now
 class DeadlineHandler(RequestHandler):
     """One client connection: aiohttp's, plus a deadline on every read and write."""
 
-    def __init__(self, manager: _Manager, **kwargs: Any) -> None:
+    def __init__(self, manager: ClientServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)  # type: ignore[arg-type]
         self._counts = manager  # aiohttp drops its own reference on connection_lost
         self._deadlines = manager.deadlines
@@ -95,12 +103,6 @@ class DeadlineHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._payload_parser is not None:
-            # An upgraded connection: tunnel.py relays it, also while the server drains
-            # (aiohttp's close() would drop every byte from then on).
-            if data:
-                self._payload_parser.feed_data(data)
-            return
         now = self._last_read = self._loop.time()
         payload = self._payload
         reading_head = payload is None or payload.is_eof()
@@ -135,13 +137,28 @@ class DeadlineHandler(RequestHandler):
             self._head_started = now
             self._arm(now + self._deadlines.header)
 
-    def eof_received(self) -> bool | None:  # type: ignore[override]
-        # An upgraded connection half-closed by the client: tell the relay (tunnel.py), and
-        # keep the connection open for what the upstream still sends (TLS cannot half-close).
-        if self._payload_parser is not None:
-            self._payload_parser.feed_eof()
-            return self.ssl_context is None or None
-        return None
+    @property
+    def server(self) -> ClientServer:
+        return self._counts
+
+    def hand_off(self, protocol: asyncio.BaseProtocol) -> tuple[asyncio.Transport, bytes]:
+        """Give this connection to `protocol` (an upgraded one, tunnel.py): from here on aiohttp
+        neither reads, writes nor closes it, and its server forgets it, but still counts it
+        open until `handed_off_closed()`. The request being handled must have written all of
+        its response. Returns the transport and the bytes received after the request head
+        (the upgraded protocol's first)."""
+        transport = self.transport
+        assert transport is not None
+        tail, self._message_tail = self._message_tail, b""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.keep_alive(False)  # and its keep-alive timer is cancelled (it holds this handler)
+        self.transport = None  # aiohttp's end of this request touches the transport no more...
+        self._force_close = True  # ...and start() ends after it without closing it
+        self._counts.handed_off(self)
+        transport.set_protocol(protocol)
+        return transport, tail
 
     def pause_writing(self) -> None:
         super().pause_writing()

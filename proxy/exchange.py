@@ -29,3 +29,4 @@ class Exchange:
     reused: bool | None = None  # whether the upstream connection had served a request before
     tunnel: str | None = None  # an Upgrade request's result: upgraded, refused, rejected, failed
     bytes_received: int = 0  # a tunnel's bytes from the client (bytes_sent: to the client)
+    relaying: bool = False  # a tunnel carries on after the handler; it observes this at its end

@@ -34,7 +34,7 @@ from proxy.listener import ForwardedResponse, plain_response
 from proxy.retry import retry_reason, within_budget
 from proxy.routing import forwarded_path, host_key
 from proxy.snapshot import Snapshot
-from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream
+from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream, take_upgraded
 
 log = logging.getLogger("proxy")
 
@@ -78,10 +78,9 @@ class Forwarder:
         try:
             return await self._handle(request, exchange)
         except asyncio.CancelledError:  # the client went away (handler_cancellation=True)
-            if exchange.tunnel != "upgraded":  # a tunnel's client closing is how it ends
-                exchange.status = 499
-                if exchange.upstream and exchange.error is None:
-                    exchange.error = "client_abort"
+            exchange.status = 499
+            if exchange.upstream and exchange.error is None:
+                exchange.error = "client_abort"
             raise
         except Exception:  # a bug: answer and count it as what it is, a 500
             log.exception("%s %s: internal error", request.method, request.raw_path)
@@ -92,8 +91,9 @@ class Forwarder:
             response.force_close()
             return response
         finally:
-            exchange.duration = time.perf_counter() - exchange.started
-            self._observe(exchange)
+            if not exchange.relaying:  # else the tunnel observes it when it closes
+                exchange.duration = time.perf_counter() - exchange.started
+                self._observe(exchange)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         snapshot = self._current()
@@ -133,10 +133,8 @@ class Forwarder:
         try:
             return await self._forward(request, exchange, upstream, out_headers, path, body)
         finally:
-            upstream.in_flight -= 1
-            upstream.tunnels_open -= upgrade is not None
-            if upstream.drained is not None and not upstream.in_flight:
-                upstream.drained.set()  # a reload replaced it: it may close now
+            if not exchange.relaying:  # else it is in flight until its tunnel closes
+                upstream.finished(upgrade is not None)
 
     async def _forward(
         self,
@@ -242,9 +240,10 @@ class Forwarder:
                 if upgrading:
                     exchange.tunnel = "upgraded" if response.status == 101 else "refused"
                     if response.status == 101:
-                        await tunnel.relay(request, response, upstream_response, exchange,
-                                           upstream.settings.tunnels.idle_timeout,
-                                           upstream.count_tunnel_bytes)  # fmt: skip
+                        exchange.relaying = await tunnel.open_tunnel(
+                            request, response, upstream_response, take_upgraded, exchange,
+                            upstream, upstream.settings.tunnels.idle_timeout, self._observe,
+                        )  # fmt: skip
                         return response
                 broken = await respond.copy_body(
                     request, upstream_response.content, response, exchange
@@ -289,6 +288,9 @@ class Forwarder:
         finally:
             target.in_flight -= 1
             exchange.pool_wait += acquisition.waited
+            # Callbacks scheduled in this task (a connection's reader, a tunnel's timer) keep
+            # a copy of its context, this acquisition included: it must not hold a protocol.
+            acquisition.protocol = None
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:

@@ -1,9 +1,9 @@
 """Every private aiohttp name the proxy leans on, in one table, checked once at start-up.
 
-listener.py and upstream.py override or read these (each says why). A release that renames
-one would otherwise fail silently: a pool gauge stuck at zero, aiohttp's hidden retry back on,
-a deadline that never fires. Checked against aiohttp 3.14.5 (pyproject pins ~=3.14.0).
-Knows nothing else.
+listener.py, deadlines.py and upstream.py override or read these (each says why). A release
+that renames one would otherwise fail silently: a pool gauge stuck at zero, aiohttp's hidden
+retry back on, a deadline that never fires, a tunnel that aiohttp closes under the relay.
+Checked against aiohttp 3.14.5 (pyproject pins ~=3.14.0). Knows nothing else.
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ import asyncio
 import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.connector import BaseConnector
+from aiohttp.connector import BaseConnector, Connection
 from aiohttp.web_protocol import RequestHandler
 
 # (what, where to look, the names that must be there). Slots and methods are class attributes;
 # attributes set in __init__ are looked up on an instance made for the check.
 _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
     ("BaseConnector", BaseConnector,
-     ("_wait_for_available_connection", "_get", "_release")),
+     ("_wait_for_available_connection", "_get", "_release", "_release_acquired")),
     ("TCPConnector", aiohttp.TCPConnector, ("_create_connection",)),
     ("RequestHandler", RequestHandler,
      ("handle_error", "finish_response", "data_received", "pause_writing", "resume_writing",
       "_current_request", "_request_in_progress", "_waiter", "_request_count", "_messages",
-      "_reading_paused", "_keepalive_timeout", "_loop")),
+      "_reading_paused", "_keepalive_timeout", "_loop", "_message_tail", "_force_close")),
+    ("ResponseHandler", ResponseHandler, ("_drop_timeout",)),
     ("StreamResponse", web.StreamResponse,
      ("_prepare_headers", "_send_headers_immediately")),
     ("BaseSite", web.BaseSite, ("_server", "_runner", "_backlog", "_ssl_context")),
@@ -34,6 +35,7 @@ _INSTANCE_NAMES = {
     "TCPConnector": ("_factory", "_acquired", "_conns"),
     "ClientSession": ("_retry_connection",),
     "ResponseHandler": ("_buffer", "_tail"),
+    "Connection": ("_protocol", "_key", "_connector"),
     "web.Server": ("_kwargs", "_loop"),
 }
 
@@ -58,10 +60,12 @@ async def check_aiohttp(
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response()  # pragma: no cover - never called
 
+    protocol = ResponseHandler(asyncio.get_running_loop())
     instances = {
+        "Connection": Connection(connector, None, None, asyncio.get_running_loop()),  # type: ignore[arg-type]
         "TCPConnector": connector,
         "ClientSession": session,
-        "ResponseHandler": ResponseHandler(asyncio.get_running_loop()),
+        "ResponseHandler": protocol,
         "web.Server": web.Server(handler),
     }
     try:

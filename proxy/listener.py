@@ -143,6 +143,15 @@ class ProxyHTTPServer(web.Server):
         self.open_connections -= 1
         self.connection_ended()
 
+    def handed_off(self, handler: RequestHandler) -> None:
+        # aiohttp forgets it (it would close it at shutdown, and hold the handler for ever);
+        # the connection stays open, and counted, until handed_off_closed().
+        super().connection_lost(handler, None)
+
+    def handed_off_closed(self) -> None:
+        self.open_connections -= 1
+        self.connection_ended()
+
     def connection_ended(self) -> None:
         """A client connection (or one still in its TLS handshake) is gone."""
         waiters, self._closed_waiters = self._closed_waiters, []

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -239,20 +239,25 @@ class ProxyServer:
             return True, "; ".join(changes)
 
     async def _retire(self, upstream: Upstream) -> None:
-        """Close a replaced upstream once its requests in flight are done (or time is up)."""
-        upstream.drained = asyncio.Event()
-        if upstream.in_flight:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(upstream.drained.wait(), self._shutdown_grace)
+        """Close a replaced upstream once its requests in flight (tunnels included) are done,
+        or time is up."""
+        await _drained([upstream], self._shutdown_grace)
         await upstream.aclose()
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), then close every pool."""
+        """Stop accepting, let in-flight requests and tunnels finish (bounded), then close
+        every pool."""
         self.state = "draining"
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + self._shutdown_grace
         if self._proxy_runner is not None:
             # Closes the listening socket and idle keep-alive connections, waits up to
             # shutdown_timeout for handlers in progress, then cancels what is left.
             await self._proxy_runner.cleanup()
+        if self._snapshot is not None:
+            # Tunnels left aiohttp (tunnel.py): they get what is left of the grace, and are
+            # closed with the pools.
+            await _drained(self._snapshot.upstreams.values(), grace_ends - loop.time())
         if self._retiring:
             await asyncio.gather(*self._retiring)
         if self._snapshot is not None:
@@ -368,3 +373,17 @@ async def serve(
     finally:
         await server.stop()
         log.info("stopped")
+
+
+async def _drained(upstreams: Iterable[Upstream], seconds: float) -> None:
+    """Wait until no request (nor tunnel) is in flight on any of `upstreams`, or `seconds`."""
+    busy = []
+    for upstream in upstreams:
+        upstream.drained = asyncio.Event()
+        if upstream.in_flight:
+            busy.append(upstream.drained)
+    if busy and seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                for event in busy:
+                    await event.wait()

@@ -8,6 +8,7 @@ The only module that touches aiohttp's private connector state, all of it in `Po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -17,7 +18,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -26,6 +27,9 @@ from proxy import config
 from proxy.balancing import Balancer, TargetState
 from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
 from proxy.tls import client_context
+
+if TYPE_CHECKING:
+    from proxy.tunnel import Tunnel
 
 log = logging.getLogger("proxy")
 
@@ -38,6 +42,7 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # Why an upstream connection was closed instead of being reused.
 DISCARD_REASONS = ("unsolicited_data",)
 _STRAY_LOG_EVERY = 60.0  # s between two log lines about stray bytes from one upstream
+_TUNNELS_CLOSE = 5.0  # s aclose() waits for aborted tunnels to report closed (one loop turn)
 
 
 class Acquisition:
@@ -82,13 +87,27 @@ class GuardedResponseHandler(ResponseHandler):
             return
         super().data_received(data)
 
-    def eof_received(self) -> bool | None:  # type: ignore[override]
-        # An upgraded connection (tunnel.py) half-closed by the upstream: tell the relay, and
-        # keep the connection open for what the client still sends.
-        if self._payload_parser is not None:
-            self._payload_parser.feed_eof()
-            return self.transport is None or self.transport.get_extra_info("sslcontext") is None
-        return None
+
+def take_upgraded(
+    response: aiohttp.ClientResponse, protocol: asyncio.BaseProtocol
+) -> tuple[asyncio.Transport, bytes]:
+    """Take the connection a 101 came on away from aiohttp and give it to `protocol` (tunnel.py):
+    out of its connector's count, never pooled, read, timed or closed by aiohttp again. Returns
+    the transport and the bytes that came after the 101 head. Uses `Connection._protocol`,
+    `._key`, `._connector`, `BaseConnector._release_acquired`, `ResponseHandler._tail` and
+    `._drop_timeout` (internals.py checks them)."""
+    connection = response.connection
+    assert connection is not None and connection.protocol is not None  # forwardable checked
+    handler = connection.protocol
+    transport = handler.transport
+    assert transport is not None
+    connection._connector._release_acquired(connection._key, handler)
+    connection._protocol = None  # the response's release() leaves the connection alone
+    handler._drop_timeout()  # timeouts.read: a quiet tunnel is not a slow response
+    handler.transport = None
+    tail, handler._tail = handler._tail, b""
+    transport.set_protocol(protocol)
+    return transport, tail
 
 
 def _holds_stray_bytes(protocol: ResponseHandler) -> bool:
@@ -312,6 +331,8 @@ class Upstream:
         self.tunnel_session = _proxy_session(tunnel_connector, settings.timeouts)
         self.tunnels_open = 0  # upgrade requests being forwarded or relayed now
         self.tunnel_bytes = {"upstream": 0, "downstream": 0}  # relayed since start
+        self.tunnels: set[Tunnel] = set()  # relaying now (counted in in_flight too)
+        self._tunnels_gone: asyncio.Event | None = None  # set by aclose()
 
     def start(self) -> None:
         if self.settings.health_check is not None:
@@ -364,11 +385,35 @@ class Upstream:
         by_address = self.connector.target_stats()
         return [TargetStats(t.url, *by_address.get((t.host, t.port), (0, 0))) for t in self.targets]
 
+    def finished(self, upgrade: bool) -> None:
+        """A request forwarded to this upstream is done; for an upgrade, its tunnel too."""
+        self.in_flight -= 1
+        self.tunnels_open -= upgrade
+        if self.drained is not None and not self.in_flight:
+            self.drained.set()  # a reload replaced it, or the server stops: it may close now
+
+    # tunnel.Owner: a tunnel stays in flight from its request to its close.
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+
     def count_tunnel_bytes(self, direction: str, count: int) -> None:
         self.tunnel_bytes[direction] += count
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self.finished(upgrade=True)
+        if not self.tunnels and self._tunnels_gone is not None:
+            self._tunnels_gone.set()
 
     async def aclose(self) -> None:
         """Stop health checks; close the sessions, every pooled connection and every tunnel."""
         if self.health is not None:
             await self.health.aclose()
+        if self.tunnels:
+            self._tunnels_gone = asyncio.Event()
+            for tunnel in list(self.tunnels):
+                tunnel.close(abort=True)
+            with contextlib.suppress(TimeoutError):  # each one writes its access log line
+                await asyncio.wait_for(self._tunnels_gone.wait(), _TUNNELS_CLOSE)
         await asyncio.gather(self.session.close(), self.tunnel_session.close())

@@ -538,3 +538,62 @@ async def test_a_426_keeps_its_upgrade_header(backend, proxy):
         ["x-test/2"],
         [],
     )
+
+
+# --- the relay holds nothing of aiohttp's per-request machinery (issue 9: RSS per tunnel) ---
+
+
+def _alive(cls: type) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, cls))
+
+
+async def test_after_the_101_a_tunnel_holds_no_aiohttp_handler_and_stays_counted(proxy):
+    """An idle tunnel is two transports and a few small objects (bench/ws.py measures its
+    RSS): the client connection's aiohttp handler and the upstream connection's protocol are
+    released at the 101, while the connection still counts in proxy_client_connections (and
+    so against listen.limits.max_connections) until it closes."""
+    from proxy.deadlines import DeadlineHandler
+    from proxy.upstream import GuardedResponseHandler
+
+    async with websocket_backend() as origin:
+        server = await proxy(config_dict({"ws": upstream(origin)}))
+        async with aiohttp.ClientSession() as session:
+            sockets = [await session.ws_connect(ws_url(server)) for _ in range(10)]
+            assert _alive(DeadlineHandler) == 0
+            assert _alive(GuardedResponseHandler) == 0
+            assert await metric(server, "proxy_client_connections") == 10
+            assert await metric(server, "proxy_tunnels_open", upstream="ws") == 10
+            for i, ws in enumerate(sockets):
+                await ws.send_str(f"{i}")
+                assert await ws.receive_str() == f"echo:{i}"
+                await ws.close()
+            await eventually(lambda: _zero_open(server))
+            assert await metric(server, "proxy_client_connections") == 0
+
+
+async def test_a_tunnel_whose_client_reads_nothing_is_cut_at_the_send_timeout(backend, proxy):
+    """As for any response, listen.timeouts.send bounds how long a client may leave bytes
+    unaccepted; the backend sees its tunnel close, and the timeout is counted."""
+
+    async def pushes(backend: RawBackend, reader, writer) -> None:
+        if await read_request(reader) is None:
+            return
+        writer.write(SWITCHING)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"z" * 65536)
+                await asyncio.wait_for(writer.drain(), 30)
+        backend.cut = True  # type: ignore[attr-defined]
+
+    origin = await backend(pushes)
+    listen = {"timeouts": {"send": 0.5}}
+    server = await proxy(config_dict({"x": upstream(origin.url)}, listen=listen))
+    _, writer = await asyncio.open_connection("127.0.0.1", server.proxy_address[1])
+    writer.write(raw_upgrade())  # and never read a byte
+    await eventually(lambda: _has(origin, "cut"), within=10)
+    assert await metric(server, "proxy_client_timeouts_total", phase="send") == 1
+    assert await metric(server, "proxy_tunnels_open", upstream="x") == 0
+    writer.close()
