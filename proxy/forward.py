@@ -240,10 +240,13 @@ class Forwarder:
                 if upgrading:
                     exchange.tunnel = "upgraded" if response.status == 101 else "refused"
                     if response.status == 101:
-                        exchange.relaying = await tunnel.open_tunnel(
+                        opened = await tunnel.open_tunnel(
                             request, response, upstream_response, take_upgraded, exchange,
                             upstream, upstream.settings.tunnels.idle_timeout, self._observe,
                         )  # fmt: skip
+                        if opened is not None:  # in flight, on its target too, until it closes
+                            exchange.relaying = True
+                            upstream.tunnel_opened(opened, target)
                         return response
                 broken = await respond.copy_body(
                     request, upstream_response.content, response, exchange
@@ -286,7 +289,7 @@ class Forwarder:
             upstream.failed(target, "connect" if reached == "connect" else failure.kind)
             return Attempted(failure, reached, acquisition.reused, exc, url)
         finally:
-            target.in_flight -= 1
+            target.in_flight -= not exchange.relaying  # a tunnel's target: when it closes
             exchange.pool_wait += acquisition.waited
             # Callbacks scheduled in this task (a connection's reader, a tunnel's timer) keep
             # a copy of its context, this acquisition included: it must not hold a protocol.

@@ -70,9 +70,8 @@ def switching_headers(
 
 
 class Owner(Protocol):
-    """What a tunnel tells its upstream (upstream.py): it opened, bytes moved, it closed."""
+    """What a tunnel tells its upstream (upstream.py): bytes moved, it closed."""
 
-    def tunnel_opened(self, tunnel: Tunnel) -> None: ...
     def count_tunnel_bytes(self, direction: str, count: int) -> None: ...
     def tunnel_closed(self, tunnel: Tunnel) -> None: ...
 
@@ -91,26 +90,36 @@ async def open_tunnel(
     owner: Owner,
     idle_timeout: float,
     observe: Callable[[Exchange], None],
-) -> bool:
+) -> Tunnel | None:
     """Send the 101 and hand both connections to a tunnel, which relays from then on without
     this coroutine, and observes `exchange` once both sides have closed (or one failed, or
     nothing moved for `idle_timeout` seconds, 0 = never). Bytes that came with the upstream's
     101 head go first; so do bytes the client sent after its request and before the 101.
-    False if the client went away before its 101 was written (nothing is relayed then)."""
+    None if either side was gone by then: both are closed, and nothing is relayed."""
     handler = request.protocol
     assert isinstance(handler, DeadlineHandler)  # listener.py makes every client connection
     response.flush_headers(request)
-    try:
-        await response.write_eof()  # the 101 is written: aiohttp has nothing left to send
-    except ConnectionError:  # the client went away first
+    await response.write_eof()  # the 101 is written: aiohttp has nothing left to send
+    connection = upstream_response.connection
+    if not (
+        _open(handler.transport)
+        and connection is not None
+        and connection.protocol is not None
+        and _open(connection.protocol.transport)
+    ):
+        response.force_close()  # aiohttp closes the client's connection after this response
         upstream_response.close()
-        exchange.status, exchange.error = 499, "client_abort"
-        return False
+        return None
+    # Both are open, and nothing runs between the two hand-offs: neither can fail alone.
     tunnel = Tunnel(exchange, owner, observe, idle_timeout, handler.server)
     client, client_tail = handler.hand_off(tunnel.client)
     upstream, upstream_tail = take_upstream(upstream_response, tunnel.upstream)
     tunnel.start(client, client_tail, upstream, upstream_tail)
-    return True
+    return tunnel
+
+
+def _open(transport: asyncio.BaseTransport | None) -> bool:
+    return transport is not None and not transport.is_closing()
 
 
 class _End(asyncio.Protocol):
@@ -141,8 +150,11 @@ class _End(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.read_eof = True
-        if self.other.read_eof:  # both sides have said all they will: done
-            self.tunnel.close()
+        if self.other.read_eof:
+            # Both sides have said all they will: each closes once what it still has to
+            # write is written (this one as asyncio closes it, on False).
+            if self.other.transport is not None:
+                self.other.transport.close()
             return False
         self.other.end_writing()
         return not self.tls  # stay open for what the other side still sends
@@ -225,7 +237,6 @@ class Tunnel:
     ) -> None:
         self.client.attach(client)
         self.upstream.attach(upstream)
-        self.owner.tunnel_opened(self)
         if client_tail:
             self.client.data_received(client_tail)
         if upstream_tail:
@@ -250,7 +261,8 @@ class Tunnel:
             self._arm()
 
     def close(self, abort: bool = False) -> None:
-        """Close both sides: gracefully (what is buffered is written first) or at once."""
+        """Close both sides: gracefully (what is buffered is written first), or at once when
+        asked or when bytes wait that nothing has taken for so long (the idle timeout)."""
         for end in (self.client, self.upstream):
             transport = end.transport
             if transport is not None and not end.closed:

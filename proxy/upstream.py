@@ -331,7 +331,7 @@ class Upstream:
         self.tunnel_session = _proxy_session(tunnel_connector, settings.timeouts)
         self.tunnels_open = 0  # upgrade requests being forwarded or relayed now
         self.tunnel_bytes = {"upstream": 0, "downstream": 0}  # relayed since start
-        self.tunnels: set[Tunnel] = set()  # relaying now (counted in in_flight too)
+        self.tunnels: dict[Tunnel, TargetState] = {}  # relaying now, counted in in_flight
         self._tunnels_gone: asyncio.Event | None = None  # set by aclose()
 
     def start(self) -> None:
@@ -392,16 +392,19 @@ class Upstream:
         if self.drained is not None and not self.in_flight:
             self.drained.set()  # a reload replaced it, or the server stops: it may close now
 
-    # tunnel.Owner: a tunnel stays in flight from its request to its close.
+    # A tunnel stays in flight, on its upstream and its target, from its request to its close
+    # (least_requests counts open WebSockets). The last two are tunnel.Owner.
 
-    def tunnel_opened(self, tunnel: Tunnel) -> None:
-        self.tunnels.add(tunnel)
+    def tunnel_opened(self, tunnel: Tunnel, target: TargetState) -> None:
+        self.tunnels[tunnel] = target
 
     def count_tunnel_bytes(self, direction: str, count: int) -> None:
         self.tunnel_bytes[direction] += count
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
-        self.tunnels.discard(tunnel)
+        target = self.tunnels.pop(tunnel, None)
+        if target is not None:
+            target.in_flight -= 1
         self.finished(upgrade=True)
         if not self.tunnels and self._tunnels_gone is not None:
             self._tunnels_gone.set()

@@ -597,3 +597,65 @@ async def test_a_tunnel_whose_client_reads_nothing_is_cut_at_the_send_timeout(ba
     assert await metric(server, "proxy_client_timeouts_total", phase="send") == 1
     assert await metric(server, "proxy_tunnels_open", upstream="x") == 0
     writer.close()
+
+
+async def test_when_both_sides_half_close_every_buffered_byte_still_arrives(backend, proxy):
+    """The client half-closes, the backend answers 1 MiB and half-closes too, while the path
+    to the client is slow (small socket buffers both ends): the proxy still holds the end of
+    the answer when the backend's EOF comes, and must write all of it before it closes."""
+    import socket
+
+    size = 1 << 20
+
+    async def answers_then_ends(backend: RawBackend, reader, writer) -> None:
+        if await read_request(reader) is None:
+            return
+        writer.write(SWITCHING)
+        await reader.read()  # the client's EOF
+        writer.write(b"x" * size)
+        await writer.drain()
+        writer.write_eof()
+        await asyncio.sleep(10)  # the proxy, not the backend, ends the tunnel
+
+    origin = await backend(answers_then_ends)
+    server = await proxy(config_dict({"x": upstream(origin.url)}))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.proxy_address[1]))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(raw_upgrade())
+    assert await asyncio.wait_for(read_head(reader), 5) is not None
+    (tunnel,) = server.current().upstreams["x"].tunnels
+    assert tunnel.client.transport is not None
+    proxy_side = tunnel.client.transport.get_extra_info("socket")
+    proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer.write_eof()
+    got = 0
+    while chunk := await asyncio.wait_for(reader.read(4096), 5):
+        got += len(chunk)
+        await asyncio.sleep(0.0005)
+    assert got == size
+    writer.close()
+
+
+async def test_open_tunnels_count_on_their_target_for_least_requests(proxy):
+    """A WebSocket is a request in flight on its target until it closes: least_requests
+    spreads tunnels over targets, and /pools shows them per target."""
+    import json
+
+    async with websocket_backend() as one, websocket_backend() as two:
+        settings = {"balance": "least_requests"}
+        config = config_dict({"ws": {"targets": [one, two], **settings}})
+        server = await proxy(config)
+        async with aiohttp.ClientSession() as session:
+            sockets = [await session.ws_connect(ws_url(server)) for _ in range(6)]
+            _, _, body = await admin_get(server, "/pools")
+            targets = json.loads(body)["upstreams"]["ws"]["targets"]
+            assert [t["in_flight"] for t in targets] == [3, 3]
+            for ws in sockets:
+                await ws.close()
+            await eventually(lambda: _zero_open(server))
+            _, _, body = await admin_get(server, "/pools")
+            targets = json.loads(body)["upstreams"]["ws"]["targets"]
+            assert [t["in_flight"] for t in targets] == [0, 0]
