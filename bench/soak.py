@@ -506,7 +506,10 @@ class Proxy:
     async def reload(self, admin: aiohttp.ClientSession, by_signal: bool) -> str | None:
         """Reload: None when it was applied, else why not."""
         if not by_signal:
-            async with asyncio.timeout(10), admin.post(self.admin_url + "/reload") as response:
+            async with (
+                asyncio.timeout(10),
+                admin.post(self.admin_url + "/reload", headers={"X-Proxy-Reload": "1"}) as response,
+            ):
                 body = await response.text()
             return None if response.status == 200 else f"POST /reload: {response.status} {body}"
         name = 'proxy_config_reloads_total{result="success"}'

@@ -12,6 +12,7 @@ import sys
 
 from proxy import __version__
 from proxy.config import ConfigError, load_config
+from proxy.guard import load_policy
 from proxy.reload import describe_changes
 from proxy.tls import check_files
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     try:
         config = load_config(args.config)
-        check_files(config)
+        check_files(config, strict=args.check)  # serving, an expired certificate is a warning
+        load_policy(config.admin)  # admin.token_file: readable and not empty
         running = load_config(args.diff) if args.diff else None
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -48,6 +48,13 @@ def _seconds(value: float | None) -> str:
     return "null" if value is None else f"{value:.6f}"
 
 
+def _text_value(text: str | None) -> str:
+    """`-`, or the text in double quotes (a certificate subject has commas and spaces)."""
+    if text is None:
+        return "-"
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def json_formatter() -> Callable[[Exchange], str]:
     clock = _Clock()
 
@@ -60,7 +67,8 @@ def json_formatter() -> Callable[[Exchange], str]:
             f'"upstream_duration":{_seconds(e.upstream_seconds)},'
             f'"pool_wait":{e.pool_wait:.6f},"route":{_quote(e.route)},'
             f'"upstream":{_quote(e.upstream)},"upstream_target":{_quote(e.upstream_target)},'
-            f'"reused":{reused},"error":{_quote(e.error)},"bytes_received":{e.bytes_received}}}'
+            f'"reused":{reused},"error":{_quote(e.error)},"bytes_received":{e.bytes_received},'
+            f'"client_cert":{_quote(e.client_cert)}}}'
         )
 
     return as_json
@@ -78,6 +86,7 @@ def text_formatter() -> Callable[[Exchange], str]:
             f"{e.bytes_sent} {e.duration:.6f} {upstream_seconds} route={e.route or '-'} "
             f"upstream={e.upstream or '-'} target={e.upstream_target or '-'} reused={reused} "
             f"pool_wait={e.pool_wait:.6f} error={e.error or '-'} received={e.bytes_received}"
+            f" client_cert={_text_value(e.client_cert)}"
         )
 
     return as_text

@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from proxy.guard import AdminGuard
 from proxy.snapshot import Snapshot
 
 
@@ -62,6 +64,21 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
     return {"upstreams": upstreams}
 
 
+def guarded(guard: AdminGuard) -> Middleware:
+    """Every admin request passes `guard` first: a refusal is answered here, one line."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = guard.check(request.method, request.path, request.headers)
+        if refusal is not None:
+            return web.Response(
+                status=refusal.status, text=refusal.reason + "\n", headers=refusal.headers
+            )
+        return await handler(request)
+
+    return middleware
+
+
 async def healthz(request: web.Request) -> web.Response:
     # Alive as long as the process answers: liveness must not fail during a drain.
     return web.Response(text="ok\n")
@@ -84,8 +101,10 @@ def admin_app(
     registry: CollectorRegistry,
     current: Callable[[], Snapshot],
     reload: Callable[[], Awaitable[tuple[bool, str]]],
+    guard: AdminGuard,
 ) -> web.Application:
-    """`state()` is "starting", "serving" or "draining"; `reload()` re-reads the config file."""
+    """`state()` is "starting", "serving" or "draining"; `reload()` re-reads the config file;
+    `guard` decides who may ask (guard.py)."""
 
     async def readyz(request: web.Request) -> web.Response:
         now = state()
@@ -94,7 +113,7 @@ def admin_app(
     async def pools(request: web.Request) -> web.Response:
         return web.json_response(pools_view(current()))
 
-    app = web.Application()
+    app = web.Application(middlewares=[guarded(guard)])
     app.router.add_post("/reload", reload_handler(reload))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -7,6 +7,7 @@ Knows nothing of the proxy's keys: proxy/config.py declares them with these.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import urllib.parse
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 Check = Callable[[Any, str], Any]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -165,13 +167,43 @@ def optional_section(cls: type[T]) -> Check:
     return check
 
 
-def list_of(item: Check) -> Check:
+def list_of(item: Check, *, empty: bool = False) -> Check:
     def check(value: Any, path: str) -> tuple[Any, ...]:
-        if not isinstance(value, list) or not value:
-            raise fail(path, "must be a non-empty list", value)
+        if value is None and empty:
+            return ()
+        if not isinstance(value, list) or not (value or empty):
+            raise fail(path, "must be a list" if empty else "must be a non-empty list", value)
         return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
 
     return check
+
+
+def optional(item: Check) -> Check:
+    """`item`, or null (the key's default: off)."""
+
+    def check(value: Any, path: str) -> Any:
+        return None if value is None else item(value, path)
+
+    return check
+
+
+def ip_network(value: Any, path: str) -> IPNetwork:
+    """An address or a CIDR block (10.0.0.0/8, 192.0.2.7, fd00::/8), without host bits set."""
+    required = "must be an IP address or CIDR block like 10.0.0.0/8"
+    if not isinstance(value, str):
+        raise fail(path, required, value)
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError as exc:
+        raise fail(path, f"{required} ({exc})", value) from None
+
+
+def tls_version(value: Any, path: str) -> str:
+    """ "1.2" or "1.3" (also unquoted: YAML reads 1.2 as a number)."""
+    text = {1.2: "1.2", 1.3: "1.3"}.get(value, value) if _is_number(value) else value
+    if text not in ("1.2", "1.3"):
+        raise fail(path, 'must be "1.2" or "1.3" (TLS 1.0 and 1.1 are never accepted)', value)
+    return str(text)
 
 
 def mapping_of(item: Check) -> Check:

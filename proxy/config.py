@@ -16,15 +16,18 @@ import yaml
 
 from proxy.checks import (
     ConfigError,
+    IPNetwork,
     boolean,
     fraction,
     host_name,
+    ip_network,
     key,
     list_of,
     mapping_of,
     non_negative_int,
     non_negative_seconds,
     one_of,
+    optional,
     optional_section,
     parse_section,
     path_prefix,
@@ -36,6 +39,7 @@ from proxy.checks import (
     status_range,
     target_url,
     text,
+    tls_version,
 )
 from proxy.checks import fail as _fail
 from proxy.checks import is_int as _is_int
@@ -47,9 +51,21 @@ __all__ = ["Config", "ConfigError", "load_config", "parse_config", "show"]
 
 
 @dataclass(frozen=True, slots=True)
-class ListenTLS:
+class CertificatePair:
     cert: str = key(text)  # PEM certificate chain
     key: str = key(text)  # PEM private key
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenTLS:
+    cert: str = key(text)  # the default certificate chain (PEM)
+    # More certificates, chosen by SNI from the names each one carries.
+    certificates: tuple[CertificatePair, ...] = key(
+        list_of(section(CertificatePair), empty=True), ()
+    )
+    min_version: str = key(tls_version, "1.2")
+    client_ca: str | None = key(optional(text), None)  # require and verify client certificates
+    key: str = key(text)  # its private key (PEM); last: the name shadows key() below it
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +96,17 @@ class Listen:
     limits: Limits = key(section(Limits), Limits())
     # nginx's default: "X_Forwarded_For" and "X-Forwarded-For" are one CGI variable.
     allow_underscores_in_headers: bool = key(boolean, False)
+    # Peers whose X-Forwarded-* headers are believed (none: every peer is the client).
+    trusted_proxies: tuple[IPNetwork, ...] = key(list_of(ip_network, empty=True), ())
+    proxy_protocol: bool = key(boolean, False)  # every connection starts with a PROXY header
 
 
 @dataclass(frozen=True, slots=True)
 class Admin:
     host: str = key(text, "127.0.0.1")
     port: int = key(port, 9901)
+    token_file: str | None = key(optional(text), None)  # bearer token for all but the probes
+    allowed_hosts: tuple[str, ...] = key(list_of(host_name, empty=True), ())  # beside IPs
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +159,11 @@ class Outlier:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTLS:
-    ca_file: str | None = key(text, None)  # PEM CAs to trust instead of the system's
+    ca_file: str | None = key(optional(text), None)  # PEM CAs to trust instead of the system's
     verify: bool = key(boolean, True)
-    server_name: str | None = key(host_name, None)  # SNI and the name the cert must carry
+    server_name: str | None = key(optional(host_name), None)  # SNI and the name to verify
+    cert: str | None = key(optional(text), None)  # client certificate for https targets (mTLS)
+    key: str | None = key(optional(text), None)  # its private key (last, as in ListenTLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +244,12 @@ def _check_together(config: Config) -> None:
             f"admin.port: must differ from listen.port on the same host, got {admin.port}"
         )
     for name, upstream in config.upstreams.items():
+        tls = upstream.tls
+        if (tls.cert is None) != (tls.key is None):
+            missing = "key" if tls.key is None else "cert"
+            raise ConfigError(
+                f"upstreams.{name}.tls.{missing}: a client certificate needs both cert and key"
+            )
         pool = upstream.pool
         if pool.limit and pool.limit_per_host > pool.limit:
             raise ConfigError(

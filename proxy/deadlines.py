@@ -75,8 +75,11 @@ _RECHECK = 1.0  # s: how soon to look again at what cannot be decided now
 class DeadlineHandler(RequestHandler):
     """One client connection: aiohttp's, plus a deadline on every read and write."""
 
-    def __init__(self, manager: ClientServer, **kwargs: Any) -> None:
+    def __init__(self, manager: ClientServer, *, peer: str | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)  # type: ignore[arg-type]
+        # The address this connection came from: the PROXY protocol header's source (accept.py)
+        # or, from connection_made on, the TCP peer's. Who the client is, identity.py decides.
+        self.peer = peer
         self._counts = manager  # aiohttp drops its own reference on connection_lost
         self._deadlines = manager.deadlines
         self._head_started: float | None = None  # a request head is being read since then
@@ -92,6 +95,9 @@ class DeadlineHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.peer is None:
+            peername = transport.get_extra_info("peername")
+            self.peer = str(peername[0]) if isinstance(peername, tuple) else None
         now = self._loop.time()
         self._head_started = self._last_read = now  # the head is due from connect on
         self._arm(now + self._deadlines.header)
@@ -217,7 +223,7 @@ class DeadlineHandler(RequestHandler):
 
     def _expire(self, phase: str) -> None:
         self._counts.client_timeouts[phase] += 1
-        log.info("client %s: %s timeout", self._peer(), phase)
+        log.info("client %s: %s timeout", self.peer, phase)
         assert self.transport is not None
         if phase == "body" and self._payload is not None:
             # Its reader (the forwarder) answers 408, or cuts a response that started, and
@@ -226,15 +232,11 @@ class DeadlineHandler(RequestHandler):
             self._payload.set_exception(ClientBodyTimeout())
             self._timer = self._loop.call_later(_RECHECK, self._check_deadlines)
         elif phase == "header" and not self._request_in_progress:
-            self._counts.on_rejected(self._peer(), 408)
+            self._counts.on_rejected(self.peer, 408)
             self.transport.write(_REQUEST_TIMEOUT)
             self.force_close()  # closes the transport once the 408 is written
         else:
             self.transport.abort()  # send: the client reads nothing, so say nothing
-
-    def _peer(self) -> str | None:
-        peer = self.peername
-        return peer[0] if isinstance(peer, tuple) else None
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         # aiohttp reads the rest of an unfinished body after the response ("lingering") and
@@ -242,6 +244,12 @@ class DeadlineHandler(RequestHandler):
         if isinstance(kw.get("exc_info"), ClientBodyError):
             return
         super().log_exception(*args, **kw)
+
+
+def peer_of(request: web.BaseRequest) -> str | None:
+    """The address `request`'s connection came from (DeadlineHandler.peer)."""
+    handler = request.protocol
+    return handler.peer if isinstance(handler, DeadlineHandler) else request.remote
 
 
 def body_finished(request: web.BaseRequest) -> None:

@@ -14,7 +14,7 @@ class Exchange:
 
     time: float  # wall clock at arrival, for the log
     started: float  # perf_counter at arrival
-    client: str | None
+    client: str | None  # who the client is (identity.py): logged, sent as X-Forwarded-For
     method: str
     target: str  # the raw request-target as received
     route: str = ""  # "" when no route matched
@@ -30,3 +30,4 @@ class Exchange:
     tunnel: str | None = None  # an Upgrade request's result: upgraded, refused, rejected, failed
     bytes_received: int = 0  # a tunnel's bytes from the client (bytes_sent: to the client)
     relaying: bool = False  # a tunnel carries on after the handler; it observes this at its end
+    client_cert: str | None = None  # the verified client certificate's subject (client_ca)

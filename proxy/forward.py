@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,6 +21,7 @@ from yarl import URL
 from proxy import headers as hdrs
 from proxy import intake, respond, tunnel
 from proxy.balancing import TargetState
+from proxy.deadlines import peer_of
 from proxy.exchange import Exchange
 from proxy.failures import (
     CLIENT_ABORT,
@@ -30,10 +31,12 @@ from proxy.failures import (
     classify,
     phase,
 )
+from proxy.identity import ClientIdentity, IPNetwork
 from proxy.listener import ForwardedResponse, plain_response
 from proxy.retry import retry_reason, within_budget
 from proxy.routing import forwarded_path, host_key
 from proxy.snapshot import Snapshot
+from proxy.tls import client_subject
 from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream, take_upgraded
 
 log = logging.getLogger("proxy")
@@ -64,19 +67,24 @@ class Forwarder:
         *,
         max_body: int = 0,
         allow_underscores: bool = False,
+        trusted_proxies: Iterable[IPNetwork] = (),
     ) -> None:
         self._current = current  # returns the snapshot in force now
         self._scheme = scheme
         self._observe = observe
         self._max_body = max_body  # listen.limits.max_body; a route's own overrides it
         self._underscores = allow_underscores
+        self._identity = ClientIdentity(trusted_proxies)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        exchange = Exchange(
-            time.time(), time.perf_counter(), request.remote, request.method, request.raw_path
-        )
+        peer = peer_of(request)
+        # exchange.client is who the client is from here on (logs; later, rate limits).
+        client, trusted = self._identity.identify(peer, request.headers)
+        exchange = Exchange(time.time(), time.perf_counter(), client, request.method,
+                            request.raw_path)  # fmt: skip
+        exchange.client_cert = client_subject(request.transport)
         try:
-            return await self._handle(request, exchange)
+            return await self._handle(request, exchange, peer, trusted)
         except asyncio.CancelledError:  # the client went away (handler_cancellation=True)
             exchange.status = 499
             if exchange.upstream and exchange.error is None:
@@ -95,7 +103,9 @@ class Forwarder:
                 exchange.duration = time.perf_counter() - exchange.started
                 self._observe(exchange)
 
-    async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.BaseRequest, exchange: Exchange, peer: str | None, trusted: bool
+    ) -> web.StreamResponse:
         snapshot = self._current()
         try:
             to = intake.addressed(request)
@@ -107,7 +117,7 @@ class Forwarder:
             max_body = self._max_body if route.max_body is None else route.max_body
             body = intake.body(request, max_body)
             out_headers = hdrs.to_upstream(
-                request.headers, client_ip=request.remote, scheme=self._scheme, host=to.host,
+                request.headers, peer=peer, scheme=self._scheme, host=to.host, trusted=trusted,
                 underscores=self._underscores,
             )  # fmt: skip
         except intake.Refusal as refusal:

@@ -34,9 +34,13 @@ _REQUEST_ONLY = frozenset(
     {
         "expect",  # the proxy answered "100 Continue" itself (RFC 9110 §10.1.1)
         "x-forwarded-for",  # rewritten below, not copied
-        "x-forwarded-proto",
-        "x-forwarded-host",
     }
+)
+
+# What proxies say about the client. Believed from a trusted proxy (listen.trusted_proxies);
+# from anyone else a forgery, removed and replaced by the proxy's own.
+_SAID_BY_PROXIES = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
 )
 
 
@@ -69,9 +73,10 @@ def _end_to_end(
         lower = name.lower()
         if lower in drop or lower in listed:
             continue
-        if not underscores and "_" in lower:
+        if "_" in lower and (not underscores or lower.replace("_", "-") in drop):
             # CGI and WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to one
-            # variable: a client could forge the proxy's own headers (nginx drops them too).
+            # variable: a client could forge the proxy's own headers (nginx drops them too),
+            # and with underscores allowed, those still may not pass under another spelling.
             continue
         if not value.isascii():
             # aiohttp's parser keeps bytes that are not UTF-8 as surrogates, and its writer
@@ -87,28 +92,37 @@ def _end_to_end(
     return out
 
 
-_DROP_TO_UPSTREAM = HOP_BY_HOP | _REQUEST_ONLY
+_FROM_TRUSTED_PROXY = HOP_BY_HOP | _REQUEST_ONLY
+_FROM_CLIENT = _FROM_TRUSTED_PROXY | _SAID_BY_PROXIES
 
 
 def to_upstream(
     headers: MultiMapping[str],
     *,
-    client_ip: str | None,
+    peer: str | None,
     scheme: str,
     host: str | None,
+    trusted: bool = False,
     underscores: bool = False,
 ) -> CIMultiDict[str]:
     """Request headers as sent upstream: end-to-end ones unchanged, plus X-Forwarded-*.
+
+    `peer` sent the request (identity.py): the client itself, unless `trusted` (one of
+    listen.trusted_proxies). A client's X-Forwarded-*, Forwarded and X-Real-IP are removed and
+    the proxy's own set; a trusted proxy's are kept, `peer` appended to its X-Forwarded-For,
+    and X-Forwarded-Proto/-Host set only where it sent none.
     Names with "_" are dropped unless `underscores` (listen.allow_underscores_in_headers).
     Raises ValueError for a value that was not UTF-8 (it could not be sent as it came)."""
-    out = _end_to_end(headers, _DROP_TO_UPSTREAM, same_spelling=True, underscores=underscores)
-    chain = headers.getall("X-Forwarded-For", [])
-    if client_ip:
-        chain.append(client_ip)
+    drop = _FROM_TRUSTED_PROXY if trusted else _FROM_CLIENT
+    out = _end_to_end(headers, drop, same_spelling=True, underscores=underscores)
+    chain = headers.getall("X-Forwarded-For", []) if trusted else []
+    if peer:
+        chain.append(peer)
     if chain:
         out.add("X-Forwarded-For", ", ".join(chain))
-    out.add("X-Forwarded-Proto", scheme)
-    if host is not None:
+    if not trusted or "X-Forwarded-Proto" not in out:
+        out.add("X-Forwarded-Proto", scheme)
+    if host is not None and (not trusted or "X-Forwarded-Host" not in out):
         out.add("X-Forwarded-Host", host)
     return out
 

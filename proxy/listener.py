@@ -68,8 +68,8 @@ class _ProxyRequestHandler(DeadlineHandler):
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         status = _status_for_parse_error(exc, self._line_bytes > self.max_line_size)
-        log.info("rejected malformed request from %s: %s", request.remote, exc.message)
-        self._counts.on_rejected(request.remote, status)
+        log.info("rejected malformed request from %s: %s", self.peer, exc.message)
+        self._counts.on_rejected(self.peer, status)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; cannot send the error")
         response = plain_response(status, _PARSE_ERROR_DETAIL.get(status, "malformed request"))
@@ -118,8 +118,9 @@ class ProxyHTTPServer(web.Server):
         self.open_connections = 0
         self._closed_waiters: list[asyncio.Future[None]] = []
 
-    def __call__(self) -> RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+    def __call__(self, peer: str | None = None) -> RequestHandler:
+        """A connection's handler; `peer`: the client a PROXY protocol header named."""
+        return _ProxyRequestHandler(self, peer=peer, loop=self._loop, **self._kwargs)
 
     def _request_without_keepalive(
         self,

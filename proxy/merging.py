@@ -20,6 +20,8 @@ GAUGE_AGGREGATION = {
     "proxy_build_info": max,
     "proxy_config_hash": max,
     "proxy_config_last_reload_success_timestamp_seconds": min,  # the oldest config in force
+    # The earliest: a worker that failed to load a renewed certificate still serves the old one.
+    "proxy_tls_certificate_expiry_timestamp_seconds": min,
 }
 TOTALS = frozenset({"counter", "histogram", "summary"})  # families whose samples only grow
 

@@ -25,9 +25,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.accept import PAUSE_REASONS
+from proxy.accept import PAUSE_REASONS, PROXY_PROTOCOL_ERRORS
 from proxy.deadlines import TIMEOUT_PHASES
 from proxy.exchange import Exchange
+from proxy.guard import UNAUTHORIZED_REASONS
 from proxy.snapshot import Snapshot
 from proxy.upstream import DISCARD_REASONS
 
@@ -94,12 +95,18 @@ class ProxyMetrics:
         access_log_dropped: Callable[[], int] = lambda: 0,
         client_timeouts: Callable[[], Mapping[str, int]] = dict,
         accept_paused: Callable[[], Mapping[str, int]] = dict,
+        proxy_protocol_errors: Callable[[], Mapping[str, int]] = dict,
+        admin_unauthorized: Callable[[], Mapping[str, int]] = dict,
+        certificate_expiry: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         self.current = current
         self.client_connections = client_connections
         self.client_timeouts = client_timeouts
         self.accept_paused = accept_paused
+        self.proxy_protocol_errors = proxy_protocol_errors
         self.access_log_dropped = access_log_dropped
+        self.admin_unauthorized = admin_unauthorized
+        self.certificate_expiry = certificate_expiry  # notAfter by key path, e.g. listen.tls.cert
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.tunnels: dict[tuple[str, str, str], int] = {}  # (route, upstream, result)
         self.durations: dict[tuple[str, str], Buckets] = {}
@@ -157,6 +164,15 @@ def _by_label(
     for value in values:
         family.add_metric([value], counts.get(value, 0))
     return family
+
+
+def admin_unauthorized_family(counts: Mapping[str, int]) -> CounterMetricFamily:
+    """Also the supervisor's, for its own admin listener (workers.py)."""
+    return _by_label(
+        "proxy_admin_unauthorized",
+        "Admin requests refused 401, by reason (missing: no bearer token; wrong: another token).",
+        "reason", UNAUTHORIZED_REASONS, counts,
+    )  # fmt: skip
 
 
 class _Exposition(Collector):
@@ -233,6 +249,13 @@ class _Exposition(Collector):
             "file descriptors): new clients wait in the kernel backlog meanwhile.",
             "reason", PAUSE_REASONS, m.accept_paused(),
         )  # fmt: skip
+        yield _by_label(
+            "proxy_proxy_protocol_errors",
+            "Client connections closed for want of a valid PROXY protocol header "
+            "(listen.proxy_protocol), by reason (malformed; timeout: incomplete at "
+            "listen.timeouts.header; closed: the client left first).",
+            "reason", PROXY_PROTOCOL_ERRORS, m.proxy_protocol_errors(),
+        )  # fmt: skip
         yield CounterMetricFamily(
             "proxy_access_log_dropped",
             "Access log lines dropped because the writer fell behind.",
@@ -245,11 +268,24 @@ class _Exposition(Collector):
         for result, count in m.reloads.items():
             reloads.add_metric([result], count)
         yield reloads
+        yield admin_unauthorized_family(m.admin_unauthorized())
         yield GaugeMetricFamily(
             "proxy_config_last_reload_success_timestamp_seconds",
             "When the config in force was applied (at start-up or by the last good reload).",
             m.last_reload_success,
         )
+        expiry = m.certificate_expiry()
+        if expiry:  # without TLS the family is left out rather than exposed empty
+            certificates = GaugeMetricFamily(
+                "proxy_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate in use expires (its notAfter); `name` is the config key "
+                "of its file (listen.tls.cert, listen.tls.certificates[0].cert, "
+                "upstreams.NAME.tls.cert).",
+                labels=("name",),
+            )
+            for name, not_after in expiry.items():
+                certificates.add_metric([name], not_after)
+            yield certificates
         config_hash = GaugeMetricFamily(
             "proxy_config_hash", "Always 1; `hash` identifies the config file in force.",
             labels=("hash",),

@@ -57,7 +57,23 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     ):
         lines.append("routes reordered: " + ", ".join(r.name for r in new.routes))
     for key in RESTART_KEYS:
-        changed = _differences(getattr(old, key), getattr(new, key), key)
+        before, after = getattr(old, key), getattr(new, key)
+        if key == "listen" and old.listen.tls is not None and new.listen.tls is not None:
+            # A reload applies these to new handshakes (certificates.py); turning TLS on or
+            # off is left to a restart, with the rest of `listen`.
+            tls = _differences(old.listen.tls, new.listen.tls, "listen.tls")
+            lines += ["listen.tls changed: " + "; ".join(tls)] if tls else []
+            before = dataclasses.replace(before, tls=None)
+            after = dataclasses.replace(after, tls=None)
+        if key == "admin":
+            # The token file and allowed_hosts guard the very next admin request (guard.py).
+            listener = {"host": "", "port": 0}
+            guard = _differences(dataclasses.replace(before, **listener),
+                                 dataclasses.replace(after, **listener), "admin")  # fmt: skip
+            lines += ["admin changed: " + "; ".join(guard)] if guard else []
+            before = dataclasses.replace(before, token_file=None, allowed_hosts=())
+            after = dataclasses.replace(after, token_file=None, allowed_hosts=())
+        changed = _differences(before, after, key)
         if changed:
             lines.append(f"{key} changed (applied at the next restart): " + "; ".join(changed))
     return sorted(lines, key=lambda line: (line.split(" ")[0], line)) or ["no changes"]

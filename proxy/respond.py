@@ -154,7 +154,7 @@ def client_failed(
 ) -> web.StreamResponse:
     """The client's request body failed: a 4xx if no response started, else a cut connection;
     never counted against the target."""
-    log.info("%s %s from %s: %s (%r)", request.method, request.raw_path, request.remote,
+    log.info("%s %s from %s: %s (%r)", request.method, request.raw_path, exchange.client,
              refusal.detail, exc)  # fmt: skip
     body_finished(request)
     if response is None:

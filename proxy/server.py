@@ -22,17 +22,19 @@ from aiohttp import web
 from proxy.accept import GuardedListener, GuardedSite
 from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
+from proxy.certificates import POLL_INTERVAL, ListenerCertificates
 from proxy.config import Config, ConfigError, load_config
 from proxy.deadlines import Deadlines
 from proxy.exchange import Exchange
 from proxy.forward import Forwarder
+from proxy.guard import AdminGuard, load_policy
 from proxy.internals import AiohttpMoved, check_aiohttp
 from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.reload import describe_changes
 from proxy.routing import RoutingTable
 from proxy.snapshot import Snapshot
-from proxy.tls import server_context
+from proxy.tls import tls_files_stamp
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
@@ -51,7 +53,7 @@ async def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapsh
     try:
         for name, settings in config.upstreams.items():
             current = keep.upstreams.get(name) if keep is not None else None
-            if current is not None and current.settings == settings:
+            if current is not None and current.settings == settings and not _rotated(current):
                 upstreams[name] = current
             else:
                 upstreams[name] = Upstream(name, settings)
@@ -60,6 +62,12 @@ async def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapsh
         await asyncio.gather(*(upstream.aclose() for upstream in built))
         raise
     return Snapshot(routes=RoutingTable(config.routes), upstreams=upstreams)
+
+
+def _rotated(upstream: Upstream) -> bool:
+    """Whether the upstream's TLS files (tls.ca_file, tls.cert, tls.key) changed since it was
+    built: a reload then builds it again, with the new CAs and certificate."""
+    return tls_files_stamp(upstream.settings.tls) != upstream.client_files
 
 
 def config_hash(config: Config, path: str | Path | None) -> str:
@@ -79,12 +87,16 @@ class ProxyServer:
         shutdown_grace: float | None = None,
         access_log_stream: TextIO | None = None,
         admin_socket: str | None = None,
+        admin_token: str | None = None,
         reuse_port: bool = False,
+        certificate_poll: float = POLL_INTERVAL,
     ) -> None:
         self.config = config
         # As a worker (workers.py): the admin app on a private Unix socket for the supervisor,
-        # and the client port shared with the other workers (SO_REUSEPORT).
+        # asked with `admin_token`, and the client port shared with the other workers.
         self._admin_socket = admin_socket
+        self._admin_token = admin_token
+        self.admin_guard = AdminGuard(load_policy(config.admin, admin_token))
         self._reuse_port = reuse_port
         self.config_path = config_path
         self.state = "starting"
@@ -96,6 +108,10 @@ class ProxyServer:
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        # listen.tls: the certificates chosen by SNI, and the task re-reading their files.
+        self._certificates: ListenerCertificates | None = None
+        self._certificate_poll = certificate_poll
+        self._watching: asyncio.Task[None] | None = None
         self.access_log = (
             AccessLog(access_log_stream or sys.stdout, config.access_log.format)
             if config.access_log.enabled
@@ -110,7 +126,12 @@ class ProxyServer:
                 self._proxy_server.client_timeouts if self._proxy_server else {}
             ),
             accept_paused=lambda: self._listener.paused if self._listener else {},
+            proxy_protocol_errors=lambda: (
+                self._listener.proxy_protocol_errors if self._listener else {}
+            ),
             access_log_dropped=lambda: self.access_log.dropped if self.access_log else 0,
+            admin_unauthorized=lambda: self.admin_guard.unauthorized,
+            certificate_expiry=self._certificate_expiry,
         )
         self._prepare_metrics(config)
 
@@ -118,6 +139,18 @@ class ProxyServer:
         self.metrics.prepare(((r.name, r.upstream) for r in config.routes), config.upstreams)
         self.metrics.config_hash = config_hash(config, self.config_path)
         self.metrics.last_reload_success = time.time()
+
+    def _certificate_expiry(self) -> dict[str, float]:
+        """When each certificate in use expires, by its key: the listener's and the upstreams'
+        client certificates."""
+        expiry = self._certificates.expiry if self._certificates is not None else {}
+        for upstream in self._snapshot.upstreams.values() if self._snapshot else ():
+            if upstream.client_certificate is not None:
+                expiry[upstream.client_certificate.path] = upstream.client_certificate.not_after
+        return expiry
+
+    def _certificates_failed(self) -> None:
+        self.metrics.reloads["failure"] += 1
 
     def current(self) -> Snapshot:
         assert self._snapshot is not None, "ProxyServer.start() was not awaited"
@@ -141,7 +174,13 @@ class ProxyServer:
             raise StartupError(str(exc)) from None
         config = self.config
         self._admin_runner = web.AppRunner(
-            admin_app(lambda: self.state, self.metrics.registry, self.current, self.reload),
+            admin_app(
+                lambda: self.state,
+                self.metrics.registry,
+                self.current,
+                self.reload,
+                self.admin_guard,
+            ),
             access_log=None,
         )
         await self._admin_runner.setup()
@@ -150,7 +189,16 @@ class ProxyServer:
         else:
             await listen_on(self._admin_runner, config.admin.host, config.admin.port, "admin")
 
-        tls = server_context(config.listen.tls) if config.listen.tls is not None else None
+        if config.listen.tls is not None:
+            try:
+                self._certificates = ListenerCertificates(
+                    config.listen.tls,
+                    on_failure=self._certificates_failed,
+                    poll_interval=self._certificate_poll,
+                )
+            except ConfigError as exc:  # a file changed since `--check` passed
+                raise StartupError(str(exc)) from None
+        tls = self._certificates.context if self._certificates is not None else None
         if self.access_log is not None:
             self.access_log.start()
         self._snapshot = await build_snapshot(config)
@@ -163,6 +211,7 @@ class ProxyServer:
                 observe=self._observe,
                 max_body=listen.limits.max_body,
                 allow_underscores=listen.allow_underscores_in_headers,
+                trusted_proxies=listen.trusted_proxies,
             ),
             deadlines=Deadlines(
                 header=listen.timeouts.header,
@@ -189,10 +238,12 @@ class ProxyServer:
         site = GuardedSite(
             self._proxy_runner, listen.host, listen.port, ssl_context=tls,
             reuse_port=self._reuse_port, max_connections=listen.limits.max_connections,
-            handshake_timeout=listen.timeouts.header,
+            handshake_timeout=listen.timeouts.header, proxy_protocol=listen.proxy_protocol,
         )  # fmt: skip
         await start_site(site, self._proxy_runner, listen.host, listen.port, "listen")
         self._listener = site.listener
+        if self._certificates is not None:
+            self._watching = asyncio.create_task(self._certificates.watch())
         self.state = "serving"
         log.info(
             "proxy listening on %s://%s:%d, admin on %s: %d upstreams, %d routes",
@@ -210,12 +261,20 @@ class ProxyServer:
         others are replaced, and the replaced ones close once their requests in flight finish
         (bounded by shutdown.grace). Requests in flight finish on the snapshot they started
         with: only new requests see the new one. Returns (applied, what happened).
+
+        The listener's certificates, keys and client_ca are read again (and listen.tls's other
+        keys applied) for new handshakes; connections already open keep theirs. Turning
+        listen.tls on or off, like the rest of `listen`, takes a restart.
         """
         async with self._reload_lock:
             if self.config_path is None:
                 return False, "no config file to reload"
             try:
                 new = load_config(self.config_path)
+                admin_policy = load_policy(new.admin, self._admin_token)  # the token file again
+                listening = self._certificates
+                tls = (new.listen.tls or listening.tls) if listening is not None else None
+                certificates = listening.load(tls) if listening and tls else None
                 snapshot = await build_snapshot(new, keep=self._snapshot)
             except ConfigError as exc:
                 self.metrics.reloads["failure"] += 1
@@ -226,6 +285,9 @@ class ProxyServer:
                 if old.upstreams.get(name) is not upstream:
                     upstream.start()
             self._snapshot = snapshot  # the swap: new requests see the new table from here
+            self.admin_guard.policy = admin_policy
+            if listening is not None and tls is not None and certificates is not None:
+                listening.use(tls, certificates)  # the next handshakes' certificates
             for name, upstream in old.upstreams.items():
                 if snapshot.upstreams.get(name) is not upstream:
                     task = asyncio.create_task(self._retire(upstream))
@@ -250,6 +312,9 @@ class ProxyServer:
         self.state = "draining"
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + self._shutdown_grace
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
         if self._proxy_runner is not None:
             # Closes the listening socket and idle keep-alive connections, waits up to
             # shutdown_timeout for handlers in progress, then cancels what is left.
@@ -338,6 +403,7 @@ async def serve(
     config_path: str | Path | None = None,
     *,
     admin_socket: str | None = None,
+    admin_token: str | None = None,
     reuse_port: bool = False,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the config file.
@@ -346,8 +412,9 @@ async def serve(
     flight get shutdown.grace to finish; pools close last. A second signal exits at once.
     """
     server = ProxyServer(
-        config, config_path=config_path, admin_socket=admin_socket, reuse_port=reuse_port
-    )
+        config, config_path=config_path, admin_socket=admin_socket, admin_token=admin_token,
+        reuse_port=reuse_port,
+    )  # fmt: skip
     try:
         await server.start()
     except BaseException:

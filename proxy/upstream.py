@@ -26,7 +26,7 @@ from aiohttp.client_proto import ResponseHandler
 from proxy import config
 from proxy.balancing import Balancer, TargetState
 from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
-from proxy.tls import client_context
+from proxy.tls import Certificate, client_context, expired, tls_files_stamp
 
 if TYPE_CHECKING:
     from proxy.tunnel import Tunnel
@@ -306,7 +306,14 @@ class Upstream:
         https = any(t.url.startswith("https://") for t in self.targets)
         # Verify https targets (system CAs, or tls.ca_file); SNI and the expected certificate
         # name are the target's host unless tls.server_name says otherwise.
-        self.ssl: Any = client_context(settings.tls, f"upstreams.{name}.tls") if https else True
+        self.ssl: Any = True
+        self.client_certificate: Certificate | None = None  # tls.cert, presented to https targets
+        self.client_files = tls_files_stamp(settings.tls)  # server.py rebuilds it when they change
+        if https:
+            tls_path = f"upstreams.{name}.tls"
+            self.ssl, self.client_certificate = client_context(settings.tls, tls_path)
+            for line in expired(filter(None, [self.client_certificate])):
+                log.warning("%s; presenting it anyway (--check fails on it)", line)
         self.server_hostname = settings.tls.server_name
         self.connector = PoolConnector(
             name=name,

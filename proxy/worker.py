@@ -14,6 +14,10 @@ import sys
 from proxy.config import ConfigError, load_config
 from proxy.server import StartupError, serve
 
+# The secret the supervisor asks this worker's admin app with: in the environment, which only
+# the same user can read (/proc/PID/environ), never on the command line, which `ps` shows.
+TOKEN_VARIABLE = "PROXY_WORKER_ADMIN_TOKEN"
+
 
 def unix_path(name: str) -> str:
     """ "@name" is Linux's abstract socket "\\0name" (as `ss` shows it): a command line cannot
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--admin-socket", required=True, help="a path, or @name (abstract)")
     args = parser.parse_args(argv)
+    token = os.environ.pop(TOKEN_VARIABLE, None)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -34,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         asyncio.run(
-            serve(config, args.config, admin_socket=unix_path(args.admin_socket), reuse_port=True)
+            serve(
+                config,
+                args.config,
+                admin_socket=unix_path(args.admin_socket),
+                admin_token=token,
+                reuse_port=True,
+            )
         )
     except (ConfigError, StartupError) as exc:
         print(f"proxy worker: {exc}", file=sys.stderr)

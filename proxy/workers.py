@@ -27,11 +27,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from proxy.accept import bind_all
-from proxy.admin import healthz, reload_handler
-from proxy.config import Config
+from proxy.admin import guarded, healthz, reload_handler
+from proxy.config import Config, ConfigError, load_config
+from proxy.guard import CHANGE_HEADER, AdminGuard, load_policy
 from proxy.merging import Merged, Merger
+from proxy.metrics import admin_unauthorized_family
 from proxy.server import cannot_listen, handle_signals, listen_on
-from proxy.worker import unix_path
+from proxy.worker import TOKEN_VARIABLE, unix_path
 
 
 def loop_time() -> float:
@@ -78,6 +80,10 @@ class Supervisor:
         # shared by the network namespace (a pod's containers), hence the random part.
         token = secrets.token_hex(4)
         self.sockets = [f"@proxy-{os.getpid()}-{token}-worker-{i}" for i in range(count)]
+        # Anything in the network namespace can connect to those sockets: the workers answer
+        # only this secret. admin.token_file and allowed_hosts guard the supervisor's listener.
+        self.worker_token = secrets.token_urlsafe(32)
+        self.guard = AdminGuard(load_policy(config.admin))
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._failed_first: set[int] = set()  # workers whose first process exited with 1
         self._scraping = asyncio.Lock()
@@ -87,6 +93,7 @@ class Supervisor:
         self._procs[index] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.worker", "--config", self.config_path,
             "--admin-socket", self.sockets[index],
+            env={**os.environ, TOKEN_VARIABLE: self.worker_token},
             # A session of its own: signals sent to the supervisor's process group (Ctrl-C,
             # `timeout`) reach the workers only through the supervisor, once. Twice would mean
             # "exit at once" to a draining worker.
@@ -126,7 +133,11 @@ class Supervisor:
         connector = aiohttp.UnixConnector(path=unix_path(self.sockets[index]))
         async with (
             aiohttp.ClientSession(connector=connector) as session,
-            session.request(method, f"http://worker{path}") as response,
+            session.request(
+                method,
+                f"http://localhost{path}",
+                headers={"Authorization": f"Bearer {self.worker_token}", CHANGE_HEADER: "1"},
+            ) as response,
         ):
             text = await response.text()
             # Read with no await since the answer came: no restart can come in between.
@@ -166,6 +177,12 @@ class Supervisor:
             for i, a in enumerate(answers)
         ]
         applied = all(a is not None and a.status == 200 for a in answers)
+        if applied:
+            try:  # the workers read the file; its admin keys guard this listener
+                self.guard.policy = load_policy(load_config(self.config_path).admin)
+            except ConfigError as exc:  # changed again since the workers read it
+                applied = False
+                lines.append(f"supervisor: {exc}")
         for line in lines:
             log.log(logging.INFO if applied else logging.ERROR, "reload: %s", line)
         return applied, "\n".join(lines)
@@ -185,7 +202,7 @@ class Supervisor:
                 answers = await self._ask_all("/metrics")
                 merged = self.merger.merge([(a.pid, a.text) if a else None for a in answers])
             registry = CollectorRegistry()
-            registry.register(Merged([*merged, *self._own_metrics()]))
+            registry.register(Merged(with_own(merged, self._own_metrics())))
             encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
             return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
@@ -198,7 +215,7 @@ class Supervisor:
             ]  # fmt: skip
             return web.json_response({"workers": workers})
 
-        app = web.Application()
+        app = web.Application(middlewares=[guarded(self.guard)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
@@ -212,6 +229,7 @@ class Supervisor:
             CounterMetricFamily(
                 "proxy_worker_restarts", "Workers started again after they died.", self.restarts
             ),
+            admin_unauthorized_family(self.guard.unauthorized),
         ]
 
     async def run(self) -> int:
@@ -258,6 +276,26 @@ class Supervisor:
         log.info("stopped (workers exited with %s)", codes)
         failed = len(self._failed_first) == self.count
         return 0 if not failed and all(code == 0 for code in codes) else 1
+
+
+def with_own(merged: list[Metric], own: list[Metric]) -> list[Metric]:
+    """The workers' families and the supervisor's own; the samples of a family both have (the
+    401s: on this listener, and on the workers' sockets) are added together."""
+    families = {metric.name: metric for metric in merged}
+    for metric in own:
+        found = families.get(metric.name)
+        if found is None:
+            families[metric.name] = metric
+            continue
+        summed = Metric(found.name, found.documentation, found.type)
+        values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for sample in (*found.samples, *metric.samples):
+            series = (sample.name, tuple(sorted(sample.labels.items())))
+            values[series] = values.get(series, 0.0) + sample.value
+        for (name, labels), value in values.items():
+            summed.add_sample(name, dict(labels), value)
+        families[metric.name] = summed
+    return list(families.values())
 
 
 def supervise(config: Config, config_path: str) -> int:

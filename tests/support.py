@@ -26,6 +26,7 @@ from proxy.config import parse_config
 from proxy.server import ProxyServer
 
 REPO = Path(__file__).resolve().parent.parent
+RELOAD = {"X-Proxy-Reload": "1"}  # POST /reload's guard against cross-site requests
 
 
 @dataclass
@@ -450,3 +451,13 @@ class ProxyProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+async def stop_process(process: asyncio.subprocess.Process, within: float = 10) -> None:
+    """SIGTERM a process this test started, then SIGKILL it if it has not exited `within` s."""
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), within)
+    except TimeoutError:
+        process.kill()
+        await process.wait()

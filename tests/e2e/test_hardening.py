@@ -582,7 +582,8 @@ async def wait_until_ready(proc: asyncio.subprocess.Process, admin_port: int) ->
         assert proc.returncode is None, "the proxy exited"
         with contextlib.suppress(OSError, TimeoutError):
             reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
-            writer.write(get("/readyz", extra="Connection: close\r\n"))
+            # The admin listener answers only for an IP address, localhost or allowed_hosts.
+            writer.write(get("/readyz", host="127.0.0.1", extra="Connection: close\r\n"))
             answer = await asyncio.wait_for(reader.read(), 1)
             writer.close()
             return answer.startswith(b"HTTP/1.1 200 ")

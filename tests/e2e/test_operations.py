@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from tests.support import (
+    RELOAD,
     ProxyProcess,
     answering,
     config_dict,
@@ -52,6 +53,9 @@ class Running:
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def admin_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin}{path}"
 
     async def metric(self, session: aiohttp.ClientSession, name: str, **labels: str) -> float:
         async with session.get(f"http://127.0.0.1:{self.admin}/metrics") as response:
@@ -119,7 +123,7 @@ async def test_a_bad_file_is_rejected_and_the_running_table_keeps_serving(backen
     good = proxy.path.read_text()
     async with aiohttp.ClientSession() as session:
         proxy.path.write_text(good.replace("path_prefix: /", "path_prefix: nope"))
-        async with session.post(f"http://127.0.0.1:{proxy.admin}/reload") as response:
+        async with session.post(proxy.admin_url("/reload"), headers=RELOAD) as response:
             assert response.status == 400
             assert await response.text() == (
                 "routes[0].match.path_prefix: must be a string starting with '/', got 'nope'\n"
@@ -147,7 +151,7 @@ async def test_post_reload_applies_and_says_what_changed(backend, running):
         [{"name": "a", "match": {"path_prefix": "/"}, "upstream": "b"}],
     )
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{proxy.admin}/reload") as response:
+        async with session.post(proxy.admin_url("/reload"), headers=RELOAD) as response:
             assert response.status == 200
             assert await response.text() == "route a changed: upstream 'a' -> 'b'\n"
         assert await get_body(session, proxy.url("/")) == (200, b"b")
@@ -171,7 +175,7 @@ async def test_stream_in_flight_finishes_on_the_table_it_started_with(backend, r
     async with aiohttp.ClientSession() as session, session.get(proxy.url("/stream")) as streaming:
         assert await streaming.content.readexactly(5) == b"first"
         proxy.write({"app": upstream(new.url)}, routes(("app", "/")))
-        async with session.post(f"http://127.0.0.1:{proxy.admin}/reload") as response:
+        async with session.post(proxy.admin_url("/reload"), headers=RELOAD) as response:
             assert response.status == 200
         assert await get_body(session, proxy.url("/")) == (200, b"new")
         release.set()
@@ -231,7 +235,7 @@ async def test_twenty_reloads_under_sustained_traffic_and_streams_lose_nothing(b
         for i in range(20):
             await asyncio.sleep(0.1)
             proxy.write(*configs[i % len(configs)])
-            async with session.post(f"http://127.0.0.1:{proxy.admin}/reload") as response:
+            async with session.post(proxy.admin_url("/reload"), headers=RELOAD) as response:
                 assert response.status == 200, await response.text()
         await asyncio.gather(*streams)
         stop.set()

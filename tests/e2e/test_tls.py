@@ -118,7 +118,7 @@ def test_unreadable_certificate_files_name_their_key(tmp_path):
         )
     )
     with pytest.raises(ConfigError, match=r"^upstreams\.app\.tls\.ca_file: cannot load "):
-        check_files(config)
+        check_files(config, strict=True)
     config = parse_config(
         config_dict(
             {"app": upstream("http://127.0.0.1:1")},
@@ -126,4 +126,4 @@ def test_unreadable_certificate_files_name_their_key(tmp_path):
         )
     )
     with pytest.raises(ConfigError, match=r"^listen\.tls: cannot load certificate "):
-        check_files(config)
+        check_files(config, strict=True)

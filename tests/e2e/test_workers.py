@@ -24,6 +24,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from tests.e2e.test_operations import Running, get_body, named, routes
 from tests.support import (
+    RELOAD,
     REPO,
     ProxyProcess,
     answering,
@@ -62,7 +63,7 @@ async def stopped(proxy: Running | ProxyProcess) -> tuple[int, str]:
 
 
 async def post_reload(session: aiohttp.ClientSession, proxy: Running) -> tuple[int, str]:
-    async with session.post(f"http://127.0.0.1:{proxy.admin}/reload") as response:
+    async with session.post(proxy.admin_url("/reload"), headers=RELOAD) as response:
         return response.status, await response.text()
 
 

@@ -363,3 +363,52 @@ def test_readme_example_is_valid(tmp_path: Path):
     path = tmp_path / "reference.yaml"
     path.write_text(block.split("```", 1)[0])
     load_config(path)
+
+
+# --- issue 10: the edge keys ---
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("listen.trusted_proxies", ["10.0.0.0/8", "10.1.2.3/8"],
+         "listen.trusted_proxies[1]: must be an IP address or CIDR block like 10.0.0.0/8 "
+         "(10.1.2.3/8 has host bits set), got '10.1.2.3/8'"),
+        ("listen.trusted_proxies", "10.0.0.0/8", "listen.trusted_proxies: must be a list, got "
+         "'10.0.0.0/8'"),
+        ("listen.proxy_protocol", "yes", "listen.proxy_protocol: must be true or false, got 'yes'"),
+        ("listen.tls", {"cert": "c.pem", "key": "k.pem", "min_version": "1.1"},
+         'listen.tls.min_version: must be "1.2" or "1.3" (TLS 1.0 and 1.1 are never accepted), '
+         "got '1.1'"),
+        ("listen.tls", {"cert": "c.pem", "key": "k.pem", "certificates": [{"cert": "a.pem"}]},
+         "listen.tls.certificates[0]: missing required key 'key'"),
+        ("admin.allowed_hosts", ["proxy-0.proxy:9901"],
+         "admin.allowed_hosts[0]: must be a host name without port or scheme, got "
+         "'proxy-0.proxy:9901'"),
+        ("upstreams.api.tls", {"cert": "client.pem"},
+         "upstreams.api.tls.key: a client certificate needs both cert and key"),
+    ],
+)  # fmt: skip
+def test_edge_keys_name_their_path(path, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_change(path, value))
+    assert str(caught.value) == message
+
+
+def test_edge_keys_parse_with_nulls_empty_lists_and_unquoted_versions():
+    import ipaddress
+
+    data = copy.deepcopy(BASE)
+    data["listen"] = {"trusted_proxies": ["10.0.0.0/8", "::1"], "proxy_protocol": True,
+                      "tls": {"cert": "c.pem", "key": "k.pem", "min_version": 1.3,
+                              "client_ca": None, "certificates": []}}  # fmt: skip
+    data["admin"] = {"token_file": None, "allowed_hosts": []}
+    data["upstreams"]["api"]["tls"] = {"cert": None, "key": None}
+    config = parse_config(data)
+    assert config.listen.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"),
+    )  # fmt: skip
+    assert config.listen.tls is not None and config.listen.tls.min_version == "1.3"
+    assert (config.admin.token_file, config.admin.allowed_hosts) == (None, ())
+    defaults = parse_config(BASE)
+    assert (defaults.listen.trusted_proxies, defaults.listen.proxy_protocol) == ((), False)

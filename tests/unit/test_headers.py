@@ -8,7 +8,7 @@ from proxy.headers import to_upstream
 
 
 def upstream_headers(items, **kwargs):
-    defaults = {"client_ip": "192.0.2.1", "scheme": "http", "host": "h.test"}
+    defaults = {"peer": "192.0.2.1", "scheme": "http", "host": "h.test"}
     return list(headers.to_upstream(CIMultiDict(items), **{**defaults, **kwargs}).items())
 
 
@@ -50,11 +50,11 @@ def test_header_names_with_underscores_are_dropped_unless_allowed():
     assert [n for n, _ in upstream_headers(items)] == [
         "X-Real", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"
     ]  # fmt: skip
-    allowed = to_upstream(
-        CIMultiDict(items), client_ip=None, scheme="http", host=None, underscores=True
-    )
-    assert allowed.getall("X_Forwarded_For") == ["6.6.6.6"]
+    allowed = to_upstream(CIMultiDict(items), peer=None, scheme="http", host=None, underscores=True)
     assert allowed.getall("my_header") == ["v"]
+    # Allowed, still no header the proxy removes may pass spelled with underscores: a CGI
+    # backend would read X_Forwarded_For as X-Forwarded-For.
+    assert "X_Forwarded_For" not in allowed
 
 
 @pytest.mark.parametrize("name", ["Content-Length ", " X", "X:Y", "X\tY", "", "Ünï"])
@@ -63,12 +63,41 @@ def test_a_response_header_name_that_is_not_a_token_is_refused(name):
         to_client(CIMultiDict([(name, "5")]))
 
 
-def test_forwarded_for_chain_is_appended_and_others_set():
-    items = [("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "203.0.113.9")]
-    got = dict(upstream_headers(items, scheme="http"))
-    assert got["X-Forwarded-For"] == "203.0.113.9, 192.0.2.1"
-    assert got["X-Forwarded-Proto"] == "http"
-    assert got["X-Forwarded-Host"] == "h.test"
+FORGED = [
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("x-forwarded-for", "198.51.100.1, 10.0.0.1"),
+    ("X-Forwarded-Host", "spoofed.test"),
+    ("Forwarded", "for=6.6.6.6"),
+    ("X-Real-IP", "6.6.6.6"),
+]
+
+
+def test_a_clients_forwarding_headers_are_replaced_by_the_proxys():
+    got = upstream_headers([("X-A", "1"), *FORGED], scheme="http")
+    assert got == [
+        ("X-A", "1"),
+        ("X-Forwarded-For", "192.0.2.1"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "h.test"),
+    ]
+
+
+def test_a_trusted_proxys_forwarding_headers_are_kept_and_its_address_appended():
+    got = CIMultiDict(upstream_headers(FORGED, scheme="http", trusted=True))
+    assert got.getall("X-Forwarded-For") == ["203.0.113.9, 198.51.100.1, 10.0.0.1, 192.0.2.1"]
+    assert got.getall("X-Forwarded-Proto") == ["https"]
+    assert got.getall("X-Forwarded-Host") == ["spoofed.test"]
+    assert (got["Forwarded"], got["X-Real-IP"]) == ("for=6.6.6.6", "6.6.6.6")
+
+
+def test_a_trusted_proxy_that_sent_no_forwarding_headers_gets_the_proxys():
+    got = upstream_headers([("X-A", "1")], scheme="https", trusted=True)
+    assert got[1:] == [
+        ("X-Forwarded-For", "192.0.2.1"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "h.test"),
+    ]
 
 
 def test_expect_is_consumed_by_the_proxy():
