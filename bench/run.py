@@ -70,7 +70,21 @@ PROXY_VARIANTS = {
     "proxy-2lr": (["-m", "proxy"], "TWO-TARGETS"),
     # Two worker processes on both cores (not pinned); CPU counts the supervisor and workers.
     "proxy-2w": (["-m", "proxy"], "workers: 2\n"),
+    # The benchmarked route with issue 11's per-route policy: a regex and a method match,
+    # request and response header rules and a rate limit that never refuses (its cost, not
+    # its 429s), beside the request ID every variant has. Compare with "proxy".
+    "proxy-routed": (["-m", "proxy"], "ROUTED"),
 }
+
+_ROUTED = """
+  - name: all
+    match: {path_regex: "^/(small|large|[a-z]+)$", methods: [GET, HEAD]}
+    upstream: backend
+    headers:
+      request: {set: {X-Env: bench}, add: {X-Seen: "1"}, remove: [X-Internal-Token]}
+      response: {set: {Strict-Transport-Security: "max-age=63072000"}, remove: [X-Powered-By]}
+    rate_limit: {requests_per_second: 1000000, burst: 1000000, key: client_ip}
+"""
 
 
 def nginx_conf(ports: Ports, root: Path, pool_limit: int) -> tuple[str, str]:
@@ -135,6 +149,9 @@ http {{
 
 def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
     targets = f"[http://127.0.0.1:{ports.backend}]"
+    routed = extra == "ROUTED"
+    if routed:
+        extra = ""
     if extra == "TWO-TARGETS":
         extra = ""
         targets = (
@@ -161,7 +178,14 @@ routes:
     match: {{path_prefix: /}}
     upstream: backend
 """
-    )
+    ).replace(PLAIN_ROUTE, _ROUTED if routed else PLAIN_ROUTE)
+
+
+PLAIN_ROUTE = """
+  - name: all
+    match: {path_prefix: /}
+    upstream: backend
+"""
 
 
 def wait_http(url: str, timeout: float = 20) -> None:

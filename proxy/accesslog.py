@@ -68,7 +68,9 @@ def json_formatter() -> Callable[[Exchange], str]:
             f'"pool_wait":{e.pool_wait:.6f},"route":{_quote(e.route)},'
             f'"upstream":{_quote(e.upstream)},"upstream_target":{_quote(e.upstream_target)},'
             f'"reused":{reused},"error":{_quote(e.error)},"bytes_received":{e.bytes_received},'
-            f'"client_cert":{_quote(e.client_cert)}}}'
+            f'"client_cert":{_quote(e.client_cert)},'
+            f'"request_id":{_quote(e.identity.request_id)},'
+            f'"trace_id":{_quote(e.identity.trace_id)}}}'
         )
 
     return as_json
@@ -87,6 +89,8 @@ def text_formatter() -> Callable[[Exchange], str]:
             f"upstream={e.upstream or '-'} target={e.upstream_target or '-'} reused={reused} "
             f"pool_wait={e.pool_wait:.6f} error={e.error or '-'} received={e.bytes_received}"
             f" client_cert={_text_value(e.client_cert)}"
+            f" request_id={_text_value(e.identity.request_id)}"
+            f" trace_id={e.identity.trace_id or '-'}"
         )
 
     return as_text

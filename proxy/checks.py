@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import field
 from typing import Any, TypeVar
+
+import re2  # type: ignore[import-untyped]
 
 T = TypeVar("T")
 Check = Callable[[Any, str], Any]
@@ -149,6 +152,131 @@ def target_url(value: Any, path: str) -> str:
     return f"{url.scheme}://{url.netloc}"
 
 
+def text_value(value: Any, path: str) -> str:
+    """A header or parameter value: a string (may be empty), or a number written unquoted."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise fail(path, "must be a string", value)
+    return value if isinstance(value, str) else str(value)
+
+
+def positive_number(value: Any, path: str) -> float:
+    if not _is_number(value) or value <= 0:
+        raise fail(path, "must be a number > 0", value)
+    return float(value)
+
+
+def one_of_int(*choices: int) -> Check:
+    def check(value: Any, path: str) -> int:
+        if not is_int(value) or value not in choices:
+            raise fail(path, "must be one of " + ", ".join(map(str, choices)), value)
+        return int(value)
+
+    return check
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
+
+
+def header_field_name(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise fail(path, "must be a header name (letters, digits, '-' and the like)", value)
+    return value
+
+
+def method(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value) or value != value.upper():
+        raise fail(path, "must be an HTTP method in upper case, like GET", value)
+    return value
+
+
+def host_pattern(value: Any, path: str) -> str:
+    """An exact host name, or "*." + a domain: any one or more labels before it."""
+    name = host_name(value, path)
+    rest = name[2:] if name.startswith("*.") else name
+    if "*" in rest or not rest:
+        raise fail(path, 'must be a host name, or "*." followed by a domain', value)
+    return name
+
+
+def regex(value: Any, path: str) -> str:
+    """A pattern RE2 compiles: matching is linear in the input, whatever the pattern."""
+    if not isinstance(value, str) or not value:
+        raise fail(path, "must be a regular expression", value)
+    try:
+        re2.compile(value)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else ""  # google-re2 gives bytes: b"missing ): (a"
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        raise fail(path, f"must be a regular expression RE2 accepts ({reason})", value) from None
+    return value
+
+
+def regex_groups(pattern: str) -> int:
+    """How many groups a pattern `regex` accepted has."""
+    return int(re2.compile(pattern).groups)
+
+
+# What a path the proxy writes itself (a rewrite, a redirect's Location) must not hold: the query
+# and fragment delimiters, whitespace and control characters (RFC 3986 §3.3).
+_NOT_IN_PATH = re.compile(r"[?#\s\x00-\x1f\x7f]")
+
+
+def request_path(value: Any, path: str) -> str:
+    """An absolute path without query: the request's own query is kept after it."""
+    if not isinstance(value, str) or not value.startswith("/") or _NOT_IN_PATH.search(value):
+        raise fail(path, "must be a path starting with '/', without '?', '#' or spaces", value)
+    return value
+
+
+_REFERENCE = re.compile(r"\\([0-9]{1,2})|\\\\")
+
+
+def replacement_pieces(template: str) -> tuple[str | int, ...]:
+    """A rewrite replacement as literal text and group numbers: `\\1` to `\\99` are the
+    pattern's groups (`\\0` the whole match), `\\\\` a backslash. ValueError for any other
+    backslash, so that nothing is read as an escape sequence nobody meant."""
+    pieces: list[str | int] = []
+    start = 0
+    for reference in _REFERENCE.finditer(template):
+        literal = template[start : reference.start()]
+        if "\\" in literal:
+            raise ValueError("a backslash must start \\1 to \\99 or \\\\")
+        pieces.append(literal)
+        group = reference.group(1)
+        pieces.append(int(group) if group is not None else "\\")
+        start = reference.end()
+    if "\\" in template[start:]:
+        raise ValueError("a backslash must start \\1 to \\99 or \\\\")
+    pieces.append(template[start:])
+    return tuple(piece for piece in pieces if piece != "")
+
+
+def replacement(value: Any, path: str) -> str:
+    """A rewrite.regex replacement: a path, with \\1 ... for the pattern's groups."""
+    if not isinstance(value, str) or _NOT_IN_PATH.search(value):
+        raise fail(path, "must be a path without '?', '#' or spaces (\\1 for a group)", value)
+    try:
+        replacement_pieces(value)
+    except ValueError as exc:
+        raise fail(path, str(exc), value) from None
+    return value
+
+
+def rate_limit_key(value: Any, path: str) -> str:
+    if value in ("client_ip", "route"):
+        return str(value)
+    if isinstance(value, str) and value.startswith("header:"):
+        header_field_name(value[len("header:") :], path)
+        return value
+    raise fail(path, "must be client_ip, route or header:NAME", value)
+
+
+def request_id_header(value: Any, path: str) -> str:
+    """A header name, or "" (off)."""
+    return "" if value == "" else header_field_name(value, path)
+
+
 def one_of(*choices: str) -> Check:
     def check(value: Any, path: str) -> str:
         if value not in choices:
@@ -206,9 +334,11 @@ def tls_version(value: Any, path: str) -> str:
     return str(text)
 
 
-def mapping_of(item: Check) -> Check:
+def mapping_of(item: Check, *, empty: bool = False) -> Check:
     def check(value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, dict) or not value:
+        if value is None and empty:
+            return {}
+        if not isinstance(value, dict) or not (value or empty):
             raise fail(path, "must be a non-empty mapping of names", value)
         parsed = {}
         for name, v in value.items():

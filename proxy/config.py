@@ -7,6 +7,8 @@ key names, so the key path in an error message is the attribute path in code.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,30 +21,44 @@ from proxy.checks import (
     IPNetwork,
     boolean,
     fraction,
+    header_field_name,
     host_name,
+    host_pattern,
     ip_network,
     key,
     list_of,
     mapping_of,
+    method,
     non_negative_int,
     non_negative_seconds,
     one_of,
+    one_of_int,
     optional,
     optional_section,
     parse_section,
     path_prefix,
     port,
     positive_int,
+    positive_number,
     positive_seconds,
+    rate_limit_key,
+    regex,
+    regex_groups,
+    replacement,
+    replacement_pieces,
+    request_id_header,
+    request_path,
     section,
     show,
     status_range,
     target_url,
     text,
+    text_value,
     tls_version,
 )
 from proxy.checks import fail as _fail
 from proxy.checks import is_int as _is_int
+from proxy.variables import substitute
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config", "show"]
 
@@ -186,20 +202,189 @@ class Upstream:
     tunnels: Tunnels = key(section(Tunnels), Tunnels())
 
 
+absolute_path = path_prefix  # (inside Match the name path_prefix is a field's)
+
+
+@dataclass(frozen=True, slots=True)
+class Present:
+    """A header condition that asks only whether the header is there."""
+
+    present: bool = key(boolean)
+
+
+def header_condition(value: Any, path: str) -> str | Present:
+    """`X-Canary: "1"` (exact value) or `X-Debug: {present: true|false}`."""
+    if isinstance(value, dict):
+        return parse_section(Present, value, path)
+    return text_value(value, path)
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
-    path_prefix: str = key(path_prefix)
-    host: str | None = key(host_name, None)
+    # Exactly one of the three path conditions (checked in parse_config).
+    path_prefix: str | None = key(optional(absolute_path), None)
+    path_exact: str | None = key(optional(absolute_path), None)
+    path_regex: str | None = key(optional(regex), None)  # full match on the normalised path
+    host: str | None = key(optional(host_pattern), None)  # exact, or "*." + domain
+    methods: tuple[str, ...] | None = key(optional(list_of(method)), None)  # absent = any
+    headers: Mapping[str, str | Present] = key(mapping_of(header_condition, empty=True), {})
+    query: Mapping[str, str] = key(mapping_of(text_value, empty=True), {})  # raw parameter = value
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTo:
+    upstream: str = key(text)
+    weight: int = key(positive_int)
+
+
+def location_port(value: Any, path: str) -> int:
+    """A port a Location can name (0, "any free port" to a listener, is none)."""
+    if not _is_int(value) or not 1 <= value <= 65535:
+        raise _fail(path, "must be an integer from 1 to 65535", value)
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    status: int = key(one_of_int(301, 302, 303, 307, 308), 308)
+    scheme: str | None = key(optional(one_of("http", "https")), None)  # None keeps the request's
+    host: str | None = key(optional(host_name), None)
+    port: int | None = key(optional(location_port), None)
+    path: str | None = key(optional(request_path), None)  # the request's query is kept after it
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRewrite:
+    pattern: str = key(regex)
+    replacement: str = key(replacement)  # \1 ... refer to the pattern's groups
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    prefix: str | None = key(optional(request_path), None)  # replaces the matched path_prefix
+    regex: RegexRewrite | None = key(optional_section(RegexRewrite), None)
+
+
+# Header rules may not touch what is hop-by-hop or framing, nor Host (host_header is its key):
+# the proxy sets those itself (headers.py).
+_UNTOUCHABLE = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "proxy-authenticate", "proxy-authorization", "content-length", "host"}
+)  # fmt: skip
+# A field value (RFC 9110 §5.5): visible ASCII, spaces and tabs inside; no CR/LF (no header
+# can be smuggled in through the config) and nothing headers.py would refuse.
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+
+
+def header_rule_name(value: Any, path: str) -> str:
+    name = header_field_name(value, path)
+    if name.lower() in _UNTOUCHABLE:
+        required = "must not be a hop-by-hop or framing header (the proxy sets those itself)"
+        if name.lower() == "host":
+            required = "must not be Host (routes[].host_header sets it)"
+        raise _fail(path, required, value)
+    return name
+
+
+def header_values(value: Any, path: str) -> dict[str, str]:
+    """`{Name: value}`: each name a header rules may touch, each value a valid field value."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, "must be a mapping of header names to values", value)
+    parsed = {}
+    for name, raw in value.items():
+        child = f"{path}.{name}"
+        parsed[header_rule_name(name, child)] = text_value(raw, child)
+        if not _FIELD_VALUE.fullmatch(parsed[name]):
+            required = "must be a header value (visible ASCII; spaces and tabs only inside)"
+            raise _fail(child, required, raw)
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Applied in this order: remove, set (replace), add (append)."""
+
+    set: Mapping[str, str] = key(header_values, {})
+    add: Mapping[str, str] = key(header_values, {})
+    remove: tuple[str, ...] = key(list_of(header_rule_name, empty=True), ())
+
+
+# A Host value (RFC 9110 §7.2): a host name or address, an IPv6 one in brackets, and a port.
+_HOST_VALUE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{1,5})?")
+
+
+def host_header(value: Any, path: str) -> str:
+    """pass (the client's Host), target (the chosen target's host:port) or a literal Host."""
+    if value in ("pass", "target"):
+        return str(value)
+    if not isinstance(value, str) or not _HOST_VALUE.fullmatch(value):
+        required = "must be pass, target, or a Host value like api.example.com or 10.0.0.5:8080"
+        raise _fail(path, required, value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHeaders:
+    request: HeaderRules = key(section(HeaderRules), HeaderRules())
+    response: HeaderRules = key(section(HeaderRules), HeaderRules())
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTimeouts:
+    read: float | None = key(optional(positive_seconds), None)  # overrides the upstream's read
+    total: float = key(non_negative_seconds, 0.0)  # the whole exchange; 0 = no bound
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRetries:
+    attempts: int = key(positive_int)  # overrides the upstream's retries.attempts
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests_per_second: float = key(positive_number)
+    burst: int = key(positive_int)
+    key: str = key(rate_limit_key, "client_ip")  # client_ip | route | header:NAME
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     match: Match = key(section(Match))
-    upstream: str = key(text)
-    name: str = key(text, "")  # "" until parse_config fills in host + path_prefix
+    # Exactly one of upstream, split, redirect (checked in parse_config).
+    upstream: str | None = key(optional(text), None)
+    split: tuple[SplitTo, ...] | None = key(optional(list_of(section(SplitTo))), None)
+    redirect: Redirect | None = key(optional_section(Redirect), None)
+    name: str = key(text, "")  # "" until parse_config fills in host + path condition
     strip_prefix: bool = key(boolean, False)
+    rewrite: Rewrite | None = key(optional_section(Rewrite), None)
+    host_header: str = key(host_header, "pass")  # pass | target | any literal Host value
+    headers: RouteHeaders = key(section(RouteHeaders), RouteHeaders())
+    timeouts: RouteTimeouts | None = key(optional_section(RouteTimeouts), None)
+    retries: RouteRetries | None = key(optional_section(RouteRetries), None)
+    rate_limit: RateLimit | None = key(optional_section(RateLimit), None)
     max_body: int | None = key(non_negative_int, None)  # overrides listen.limits.max_body
     upgrade: bool = key(boolean, True)  # false: an Upgrade request gets 400
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """Every upstream this route may send to (none for a redirect)."""
+        if self.split is not None:
+            return tuple(dict.fromkeys(s.upstream for s in self.split))
+        return (self.upstream,) if self.upstream is not None else ()
+
+
+def request_id_name(value: Any, path: str) -> str:
+    """A header name, or "" (off); never a framing or hop-by-hop one (Content-Length: a hex ID
+    would break the request's framing)."""
+    return header_rule_name(request_id_header(value, path), path) if value != "" else ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestId:
+    header: str = key(request_id_name, "X-Request-Id")  # "" = off
+    trust_incoming: bool = key(boolean, True)  # keep a client's id when it is 1-200 visible ASCII
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +417,8 @@ class Config:
     access_log: AccessLog = key(section(AccessLog), AccessLog())
     shutdown: Shutdown = key(section(Shutdown), Shutdown())
     workers: int = key(workers_count, 1)  # 0 = auto
+    request_id: RequestId = key(section(RequestId), RequestId())
+    trace_context: bool = key(boolean, True)  # W3C traceparent: continue or start a trace
 
 
 def _check_together(config: Config) -> None:
@@ -258,6 +445,66 @@ def _check_together(config: Config) -> None:
             )
 
 
+def _check_route(route: Route, i: int, upstreams: Mapping[str, Upstream]) -> None:
+    """Rules within one route, each named by the key that must change."""
+    where = f"routes[{i}]"
+    match = route.match
+    paths = [k for k in ("path_prefix", "path_exact", "path_regex") if getattr(match, k)]
+    if len(paths) != 1:
+        raise ConfigError(
+            f"{where}.match: needs exactly one of path_prefix, path_exact, path_regex, "
+            f"got {', '.join(paths) or 'none'}"
+        )
+    for name in match.headers:  # a name no request can carry would never match
+        header_field_name(name, f"{where}.match.headers")
+    targets = [k for k in ("upstream", "split", "redirect") if getattr(route, k) is not None]
+    if len(targets) != 1:
+        raise ConfigError(
+            f"{where}: needs exactly one of upstream, split, redirect, "
+            f"got {', '.join(targets) or 'none'}"
+        )
+    named = [(f"{where}.upstream", route.upstream)] if route.upstream is not None else []
+    named += [(f"{where}.split[{j}].upstream", s.upstream) for j, s in enumerate(route.split or ())]
+    for path, name in named:
+        if name not in upstreams:
+            known = ", ".join(upstreams)
+            raise ConfigError(f"{path}: unknown upstream {show(name)} (known: {known})")
+    rewrite = route.rewrite
+    if rewrite is not None:
+        if (rewrite.prefix is None) == (rewrite.regex is None):
+            raise ConfigError(f"{where}.rewrite: needs exactly one of prefix, regex")
+        if route.strip_prefix:
+            raise ConfigError(
+                f"{where}.rewrite: cannot go with strip_prefix (rewrite.prefix: / does the same)"
+            )
+        if rewrite.prefix is not None and match.path_prefix is None:
+            raise ConfigError(f"{where}.rewrite.prefix: needs match.path_prefix to replace")
+        if rewrite.regex is not None:
+            groups = regex_groups(rewrite.regex.pattern)
+            used = [p for p in replacement_pieces(rewrite.regex.replacement) if isinstance(p, int)]
+            if used and max(used) > groups:
+                raise ConfigError(
+                    f"{where}.rewrite.regex.replacement: refers to group \\{max(used)}, "
+                    f"but the pattern has {groups} group{'s' if groups != 1 else ''}"
+                )
+    redirect = route.redirect
+    if redirect is not None and redirect.path is not None and (rewrite or route.strip_prefix):
+        raise ConfigError(
+            f"{where}.redirect.path: cannot go with rewrite or strip_prefix, which set the "
+            "Location's path from the request's"
+        )
+    if route.strip_prefix and match.path_prefix is None:
+        raise ConfigError(f"{where}.strip_prefix: needs match.path_prefix to strip")
+
+
+def _route_name(route: Route) -> str:
+    match = route.match
+    # nginx's markers: "= /x" exact, "~ re" regex; so /login and exact /login differ.
+    path = match.path_prefix or (f"={match.path_exact}" if match.path_exact else None)
+    path = path or f"~{match.path_regex}"
+    return (match.host or "") + path
+
+
 def parse_config(data: Any) -> Config:
     """Validate a parsed YAML document; pure, raises ConfigError naming the first bad key."""
     config = parse_section(Config, data, "")
@@ -265,14 +512,14 @@ def parse_config(data: Any) -> Config:
     routes = []
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
-        if route.upstream not in config.upstreams:
-            known = ", ".join(config.upstreams)
+        _check_route(route, i, config.upstreams)
+        derived = not route.name
+        if derived:
+            route = dataclasses.replace(route, name=_route_name(route))
+        if route.name in seen and derived:  # two routes on one path, told apart by methods...
             raise ConfigError(
-                f"routes[{i}].upstream: unknown upstream {show(route.upstream)} (known: {known})"
-            )
-        if not route.name:
-            route = dataclasses.replace(
-                route, name=(route.match.host or "") + route.match.path_prefix
+                f"routes[{i}].name: must be set (metrics are labelled by it): the default, host "
+                f"and path, {show(route.name)}, is already routes[{seen[route.name]}]'s"
             )
         if route.name in seen:
             raise ConfigError(
@@ -312,10 +559,12 @@ def parse_yaml(source: str, filename: str) -> Any:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read, parse and validate a config file; every failure is a one-line ConfigError."""
+    """Read, parse, substitute `${VAR}`s (variables.py) and validate a config file; every
+    failure is a one-line ConfigError."""
     try:
         source = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{path}: cannot read config file: {reason}") from None
-    return parse_config(parse_yaml(source, str(path)))
+    # ${VAR} after parsing and before validation: at start-up and at every reload.
+    return parse_config(substitute(parse_yaml(source, str(path)), os.environ))

@@ -5,6 +5,12 @@ access log read it once it is finished. Knows nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from proxy.tracing import NO_IDENTITY, Identity
+
+if TYPE_CHECKING:
+    from proxy.policy import HeaderEdits
 
 
 @dataclass(slots=True)
@@ -31,3 +37,9 @@ class Exchange:
     bytes_received: int = 0  # a tunnel's bytes from the client (bytes_sent: to the client)
     relaying: bool = False  # a tunnel carries on after the handler; it observes this at its end
     client_cert: str | None = None  # the verified client certificate's subject (client_ca)
+    redirected: bool = False  # answered by the route's redirect (redirect.py)
+    # The matched route's headers.response rules: respond.answer applies them to the proxy's
+    # own answers for that route too.
+    response_rules: HeaderEdits | None = None
+    identity: Identity = NO_IDENTITY  # request ID and trace (tracing.py), for the access log
+    rate_limited: bool = False  # answered 429 by the route's rate_limit (ratelimit.py)

@@ -44,6 +44,8 @@ def classify(exc: BaseException) -> Failure:
 
 
 CLIENT_ABORT = Failure(499, "client_abort", "client went away")
+# routes[].timeouts.total ran out (a deadline of the proxy's, not an aiohttp exception).
+TOTAL_TIMEOUT = Failure(504, "timeout", "upstream did not finish within the route's total timeout")
 
 
 def phase(exc: BaseException) -> str:

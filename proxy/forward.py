@@ -19,12 +19,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
-from proxy import intake, respond, tunnel
+from proxy import intake, ratelimit, respond, tracing, tunnel
 from proxy.balancing import TargetState
 from proxy.deadlines import peer_of
 from proxy.exchange import Exchange
 from proxy.failures import (
     CLIENT_ABORT,
+    TOTAL_TIMEOUT,
     UNFORWARDABLE,
     UPSTREAM_ERRORS,
     Failure,
@@ -33,8 +34,10 @@ from proxy.failures import (
 )
 from proxy.identity import ClientIdentity, IPNetwork
 from proxy.listener import ForwardedResponse, plain_response
+from proxy.policy import PLAIN, RoutePolicy
+from proxy.redirect import answer as redirect_answer
 from proxy.retry import retry_reason, within_budget
-from proxy.routing import forwarded_path, host_key
+from proxy.routing import host_key
 from proxy.snapshot import Snapshot
 from proxy.tls import client_subject
 from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream, take_upgraded
@@ -75,14 +78,21 @@ class Forwarder:
         self._max_body = max_body  # listen.limits.max_body; a route's own overrides it
         self._underscores = allow_underscores
         self._identity = ClientIdentity(trusted_proxies)
+        log.addFilter(tracing.LOG_FILTER)  # log lines about a request end with its ID
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = peer_of(request)
-        # exchange.client is who the client is from here on (logs; later, rate limits).
+        # exchange.client is who the client is from here on (logs, rate limits).
         client, trusted = self._identity.identify(peer, request.headers)
         exchange = Exchange(time.time(), time.perf_counter(), client, request.method,
                             request.raw_path)  # fmt: skip
         exchange.client_cert = client_subject(request.transport)
+        now = self._current()  # its request_id and trace_context (_handle reads it for the rest)
+        exchange.identity = tracing.identify(
+            request.headers, now.request_id.header, now.request_id.trust_incoming,
+            now.trace_context,
+        )  # fmt: skip
+        tracing.CURRENT.set(exchange.identity)  # every response and log line of this request
         try:
             return await self._handle(request, exchange, peer, trusted)
         except asyncio.CancelledError:  # the client went away (handler_cancellation=True)
@@ -109,25 +119,39 @@ class Forwarder:
         snapshot = self._current()
         try:
             to = intake.addressed(request)
-            route = snapshot.routes.match(host_key(to.host), to.path)
+            route = snapshot.routes.match(
+                host_key(to.host), to.path, request.method, request.headers, to.target
+            )
             if route is None:
                 raise intake.Refusal(404, "no route matches this request")
             exchange.route = route.name
-            exchange.upstream = route.upstream
+            exchange.upstream = snapshot.routes.upstream_for(route)  # a split's: per request
+            policy = snapshot.policies.get(route.name, PLAIN)
+            exchange.response_rules = policy.response_headers
+            if wait := snapshot.limits.retry_after(route, exchange.client, request.headers):
+                return ratelimit.too_many(exchange, wait)
+            if route.redirect is not None:  # the route answers itself (its rate_limit holds)
+                target = snapshot.routes.forwarded_path(route, to.target, to.path)
+                return redirect_answer(exchange, route.redirect, self._scheme, to.host, target)
             max_body = self._max_body if route.max_body is None else route.max_body
             body = intake.body(request, max_body)
             out_headers = hdrs.to_upstream(
                 request.headers, peer=peer, scheme=self._scheme, host=to.host, trusted=trusted,
                 underscores=self._underscores,
             )  # fmt: skip
+            tracing.to_upstream(out_headers, exchange.identity)
         except intake.Refusal as refusal:
             return respond.refuse(exchange, refusal)
         except ValueError:  # hdrs.to_upstream
             return respond.answer(exchange, 400, "header values must be UTF-8 text")
-        upstream = snapshot.upstreams[route.upstream]
+        upstream = snapshot.upstreams[exchange.upstream]
         if to.absolute and to.host is not None:
             out_headers["Host"] = to.host
-        path = forwarded_path(route, to.target, to.path)
+        if policy.host is not None:  # host_header: <literal> (target: per attempt, _attempt)
+            out_headers["Host"] = policy.host
+        if policy.request_headers is not None:  # after the proxy's own, X-Forwarded-* included
+            policy.request_headers.apply(out_headers)
+        path = snapshot.routes.forwarded_path(route, to.target, to.path)
         upgrade = tunnel.upgrade_asked(request)
         if upgrade is not None:
             if not route.upgrade:
@@ -141,7 +165,7 @@ class Forwarder:
         upstream.in_flight += 1
         upstream.requests += 1
         try:
-            return await self._forward(request, exchange, upstream, out_headers, path, body)
+            return await self._forward(request, exchange, upstream, out_headers, path, body, policy)
         finally:
             if not exchange.relaying:  # else it is in flight until its tunnel closes
                 upstream.finished(upgrade is not None)
@@ -154,9 +178,33 @@ class Forwarder:
         out_headers: CIMultiDict[str],
         path: str,
         body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
+        policy: RoutePolicy,
     ) -> web.StreamResponse:
         if body is not None and _expects_continue(request):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not policy.total:
+            return await self._try_targets(
+                request, exchange, upstream, out_headers, path, body, policy, None
+            )
+        # routes[].timeouts.total: one loop timer for the whole exchange. When it fires it
+        # cancels the attempt in flight, which answers for it (_attempt: 504, or a cut).
+        async with asyncio.timeout(policy.total) as deadline:
+            return await self._try_targets(
+                request, exchange, upstream, out_headers, path, body, policy, deadline
+            )
+
+    async def _try_targets(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        upstream: Upstream,
+        out_headers: CIMultiDict[str],
+        path: str,
+        body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
+        policy: RoutePolicy,
+        deadline: asyncio.Timeout | None,
+    ) -> web.StreamResponse:
+        attempts = policy.attempts or upstream.settings.retries.attempts  # the route's first
         tried: list[TargetState] = []
         fresh_only = False
         while True:
@@ -166,8 +214,9 @@ class Forwarder:
             upstream.retries_in_flight += retry
             try:
                 outcome = await self._attempt(
-                    request, exchange, upstream, target, out_headers, path, body, fresh_only
-                )
+                    request, exchange, upstream, target, out_headers, path, body, fresh_only,
+                    policy, deadline,
+                )  # fmt: skip
             finally:
                 upstream.retries_in_flight -= retry
             if isinstance(outcome, web.StreamResponse):
@@ -176,7 +225,7 @@ class Forwarder:
             reason = retry_reason(outcome.phase, request.method, body is not None, outcome.reused)
             if (
                 reason is None
-                or len(tried) >= upstream.settings.retries.attempts
+                or len(tried) >= attempts
                 or not within_budget(
                     reason,
                     upstream.retries_in_flight,
@@ -203,10 +252,14 @@ class Forwarder:
         path: str,
         body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
         fresh_only: bool,
+        policy: RoutePolicy,
+        deadline: asyncio.Timeout | None,
     ) -> web.StreamResponse | Attempted:
         """One try on one target: the response, or a failure from before any response header
         (which _forward may retry)."""
         exchange.upstream_target = target.url
+        if policy.target_hosts is not None:  # host_header: target, this attempt's
+            out_headers["Host"] = policy.target_hosts[target.url]
         # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
         url = URL(target.url + path, encoded=True)
         # Only an upgrade _handle forwards carries Upgrade here (headers.py drops the client's).
@@ -226,11 +279,15 @@ class Forwarder:
                 data=body,
                 allow_redirects=False,
                 server_hostname=upstream.server_hostname,
+                # routes[].timeouts.read, or the session's own (a request's replaces it whole).
+                timeout=policy.client_timeouts.get(upstream.name) or session.timeout,
             ) as upstream_response:
                 exchange.upstream_seconds = time.perf_counter() - sent
                 exchange.reused = acquisition.reused
                 try:
                     response = respond.forwardable(upstream_response, upgrading)
+                    if policy.response_headers is not None:
+                        policy.response_headers.apply(response.headers)
                     upstream.answered(target, acquisition, upstream_response)
                     exchange.status = response.status
                     await response.prepare(request)
@@ -267,6 +324,19 @@ class Forwarder:
                     )
                 await response.write_eof()
                 return response
+        except asyncio.CancelledError:
+            if deadline is None or not deadline.expired():
+                raise  # the client went away
+            # timeouts.total ran out; asyncio.timeout() in _forward uncancels the task.
+            failure = TOTAL_TIMEOUT
+            if response is not None:  # the headers are the client's: it must see a cut
+                return respond.broken_after_headers(
+                    request, url, upstream, target, response, exchange, failure, TimeoutError()
+                )
+            upstream.failed(target, failure.kind)
+            respond.log_failure(request, url, upstream, failure, None, "")
+            exchange.error = failure.kind
+            return respond.answer(exchange, failure.status, failure.detail)
         except PoolFull:
             upstream.pending_rejected += 1
             return respond.answer(

@@ -28,7 +28,7 @@ def _parse(text: str) -> tuple[int, int] | None:
         if ":" not in text:
             return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
         value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         return None
     if value >> 32 == 0xFFFF:
         return 4, value ^ _MAPPED

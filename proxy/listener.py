@@ -11,7 +11,7 @@
 4. `ForwardedResponse` keeps the upstream's headers as they were: aiohttp would add `Server` and
    `Content-Type: application/octet-stream` when the upstream sent none, and drop the
    `Content-Length` of a 304. It also sends its headers with the first body bytes. The proxy's
-   own answers carry no `Server` header.
+   own answers carry no `Server` header. Both carry the request's ID (tracing.py).
 
 Everything here leans on aiohttp internals, all listed in internals.py and checked there at
 start-up against aiohttp 3.14.5.
@@ -33,6 +33,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.deadlines import TIMEOUT_PHASES, DeadlineHandler, Deadlines
+from proxy.tracing import stamp
 
 log = logging.getLogger("proxy")
 
@@ -42,6 +43,7 @@ class _OwnResponse(web.Response):
     aiohttp adds: versions help an attacker and nobody else."""
 
     async def _prepare_headers(self) -> None:
+        stamp(self.headers)  # the request ID, when the request had one (tracing.py)
         await super()._prepare_headers()
         self.headers.popall("Server", None)
 
@@ -185,6 +187,7 @@ class ForwardedResponse(web.StreamResponse):
 
     async def _prepare_headers(self) -> None:
         headers = self.headers
+        stamp(headers)  # the request ID, when the request had one (tracing.py)
         absent = [name for name in _MAY_BE_INVENTED if name not in headers]
         # RFC 9110 §8.6 lets a 304 carry the Content-Length of the representation.
         length_304 = headers.get("Content-Length") if self.status == 304 else None

@@ -109,6 +109,8 @@ class ProxyMetrics:
         self.certificate_expiry = certificate_expiry  # notAfter by key path, e.g. listen.tls.cert
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.tunnels: dict[tuple[str, str, str], int] = {}  # (route, upstream, result)
+        self.rate_limited: dict[str, int] = {}  # by route: answered 429 by its rate_limit
+        self.redirects: dict[tuple[str, int], int] = {}  # (route, status) of redirect routes
         self.durations: dict[tuple[str, str], Buckets] = {}
         self.upstreams: dict[str, _Upstream] = {}
         self.reloads = {"success": 0, "failure": 0}
@@ -117,9 +119,21 @@ class ProxyMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_Exposition(self))
 
-    def prepare(self, routes: Iterable[tuple[str, str]], upstreams: Iterable[str]) -> None:
+    def prepare(
+        self,
+        routes: Iterable[tuple[str, str]],
+        upstreams: Iterable[str],
+        limited: Iterable[str] = (),
+        redirects: Iterable[tuple[str, int]] = (),
+    ) -> None:
         """Create every series of the configured routes and upstreams at 0, so a dashboard shows
-        an idle upstream rather than nothing. `routes` are (route, upstream) name pairs."""
+        an idle upstream rather than nothing. `routes` are (route, upstream) name pairs;
+        `limited` the names of the routes with a rate_limit; `redirects` (route, status) pairs
+        of the routes that answer with a redirect."""
+        for redirect in redirects:
+            self.redirects.setdefault(redirect, 0)
+        for route in limited:
+            self.rate_limited.setdefault(route, 0)
         for route, upstream in routes:
             self.durations.setdefault((route, upstream), Buckets(LATENCY_BUCKETS))
             for result in TUNNEL_RESULTS:
@@ -136,6 +150,11 @@ class ProxyMetrics:
         if duration is None:
             duration = self.durations[e.route, e.upstream] = Buckets(LATENCY_BUCKETS)
         duration.observe(e.duration)
+        if e.rate_limited:
+            self.rate_limited[e.route] = self.rate_limited.get(e.route, 0) + 1
+        if e.redirected:
+            key2 = (e.route, e.status)
+            self.redirects[key2] = self.redirects.get(key2, 0) + 1
         if e.upstream:
             upstream = self.upstreams.get(e.upstream)
             if upstream is None:
@@ -233,6 +252,19 @@ class _Exposition(Collector):
         for (route, upstream, result), count in m.tunnels.items():
             tunnels.add_metric([route, upstream, result], count)
         yield from (requests, duration, pool_wait, response, errors, tunnels, tunnel_duration)
+        yield _by_label(
+            "proxy_rate_limited",
+            "Requests answered 429 by their route's rate_limit, without contacting the upstream.",
+            "route", m.rate_limited, m.rate_limited,
+        )  # fmt: skip
+        redirects = CounterMetricFamily(
+            "proxy_redirects",
+            "Requests answered with a redirect by their route (routes[].redirect), by status.",
+            labels=("route", "code"),
+        )
+        for (route, code), count in m.redirects.items():
+            redirects.add_metric([route, str(code)], count)
+        yield redirects
         yield from _pool_families(m.current())
         yield GaugeMetricFamily(
             "proxy_client_connections", "Open client connections.", m.client_connections()

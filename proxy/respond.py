@@ -31,6 +31,8 @@ def answer(exchange: Exchange, status: int, detail: str, *, busy: bool = False) 
     response = plain_response(status, detail)
     if busy:
         response.headers["Retry-After"] = "1"
+    if exchange.response_rules is not None:  # the route's headers.response (policy.py)
+        exchange.response_rules.apply(response.headers)
     exchange.status = status
     exchange.bytes_sent = len(response.body)  # type: ignore[arg-type]
     return response

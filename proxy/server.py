@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -31,6 +32,8 @@ from proxy.guard import AdminGuard, load_policy
 from proxy.internals import AiohttpMoved, check_aiohttp
 from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
+from proxy.policy import route_policies
+from proxy.ratelimit import RateLimits, worker_count
 from proxy.reload import describe_changes
 from proxy.routing import RoutingTable
 from proxy.snapshot import Snapshot
@@ -44,7 +47,9 @@ class StartupError(Exception):
     """The proxy could not start (a port in use, say); the message says what to do."""
 
 
-async def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapshot:
+async def build_snapshot(
+    config: Config, keep: Snapshot | None = None, rng: random.Random | None = None
+) -> Snapshot:
     """The routing table and one Upstream per configured upstream. Upstreams of `keep` whose
     settings did not change are taken over as they are, with their warm connections. If one
     cannot be built (a certificate file unreadable, say), those built so far are closed."""
@@ -61,7 +66,13 @@ async def build_snapshot(config: Config, keep: Snapshot | None = None) -> Snapsh
     except BaseException:
         await asyncio.gather(*(upstream.aclose() for upstream in built))
         raise
-    return Snapshot(routes=RoutingTable(config.routes), upstreams=upstreams)
+    return Snapshot(
+        routes=RoutingTable(config.routes, rng), upstreams=upstreams,
+        policies=route_policies(config),
+        # Each worker enforces its share of every rate limit (ratelimit.py).
+        limits=RateLimits(config.routes, worker_count(config), keep.limits if keep else None),
+        request_id=config.request_id, trace_context=config.trace_context,
+    )  # fmt: skip
 
 
 def _rotated(upstream: Upstream) -> bool:
@@ -90,8 +101,12 @@ class ProxyServer:
         admin_token: str | None = None,
         reuse_port: bool = False,
         certificate_poll: float = POLL_INTERVAL,
+        split_random: random.Random | None = None,
     ) -> None:
         self.config = config
+        # Draws the upstream of each `split` request (routing.py); a seeded one makes tests
+        # repeatable. One per server, kept across reloads.
+        self._split_random = split_random if split_random is not None else random.Random()
         # As a worker (workers.py): the admin app on a private Unix socket for the supervisor,
         # asked with `admin_token`, and the client port shared with the other workers.
         self._admin_socket = admin_socket
@@ -136,7 +151,13 @@ class ProxyServer:
         self._prepare_metrics(config)
 
     def _prepare_metrics(self, config: Config) -> None:
-        self.metrics.prepare(((r.name, r.upstream) for r in config.routes), config.upstreams)
+        self.metrics.prepare(
+            # Every upstream a route can send to (a split's all), "" for a redirect's.
+            ((r.name, u) for r in config.routes for u in r.upstreams or ("",)),
+            config.upstreams,
+            limited=(r.name for r in config.routes if r.rate_limit is not None),
+            redirects=((r.name, r.redirect.status) for r in config.routes if r.redirect),
+        )  # fmt: skip
         self.metrics.config_hash = config_hash(config, self.config_path)
         self.metrics.last_reload_success = time.time()
 
@@ -201,7 +222,7 @@ class ProxyServer:
         tls = self._certificates.context if self._certificates is not None else None
         if self.access_log is not None:
             self.access_log.start()
-        self._snapshot = await build_snapshot(config)
+        self._snapshot = await build_snapshot(config, rng=self._split_random)
         self._snapshot.start()
         listen = config.listen
         server = ProxyHTTPServer(
@@ -275,7 +296,7 @@ class ProxyServer:
                 listening = self._certificates
                 tls = (new.listen.tls or listening.tls) if listening is not None else None
                 certificates = listening.load(tls) if listening and tls else None
-                snapshot = await build_snapshot(new, keep=self._snapshot)
+                snapshot = await build_snapshot(new, keep=self._snapshot, rng=self._split_random)
             except ConfigError as exc:
                 self.metrics.reloads["failure"] += 1
                 log.error("reload rejected, still serving the previous config: %s", exc)

@@ -180,6 +180,8 @@ async def test_proxy_invents_no_request_headers_on_get(backend, proxy):
         "X-Forwarded-For",
         "X-Forwarded-Proto",
         "X-Forwarded-Host",
+        "X-Request-Id",  # request_id and trace_context are on by default
+        "traceparent",
     ]
 
 
@@ -252,7 +254,7 @@ async def test_proxy_invents_no_response_headers(backend, proxy):
         b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nhi"
     )
     _, answer = await one_request(backend, proxy, get(), response)
-    assert [n for n, _ in answer.headers] == ["Date", "Content-Length"]
+    assert [n for n, _ in answer.headers] == ["Date", "Content-Length", "X-Request-Id"]
     assert answer.header("Date") == "Mon, 01 Jan 2024 00:00:00 GMT"
 
 

@@ -29,6 +29,9 @@ from tests.security.wire import (
 )
 from tests.support import config_dict, upstream
 
+# Framing is what is checked here, byte for byte: no request ID or trace context added.
+PLAIN = {"request_id": {"header": ""}, "trace_context": False}
+
 SMUGGLED = f"GET /smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 WARMUP = fwd("GET", "/warmup")
 VICTIM = fwd("GET", "/victim")
@@ -422,7 +425,7 @@ def _own_answer(answers: Answers, target: str) -> list[str]:
 @pytest.mark.parametrize("case", REQUEST_CASES)
 async def test_smuggling_attempt_never_reaches_the_backend_or_another_client(recorder, proxy, case):
     origin = await recorder()
-    server = await proxy(config_dict({"app": upstream(origin.url, pool={"limit": 1})}))
+    server = await proxy(config_dict({"app": upstream(origin.url, pool={"limit": 1})}, **PLAIN))
     port = server.proxy_address[1]
     warmup = await _answered(port, "/warmup")  # leaves one idle connection in the pool
     most = max(len(o.statuses) for o in case.outcomes)
@@ -592,7 +595,7 @@ RESPONSE_CASES = [
 @pytest.mark.parametrize("case", RESPONSE_CASES)
 async def test_misbehaving_backend_never_answers_the_next_client(recorder, proxy, case):
     origin = await recorder({"/first": case.reply})
-    server = await proxy(config_dict({"app": upstream(origin.url, pool={"limit": 1})}))
+    server = await proxy(config_dict({"app": upstream(origin.url, pool={"limit": 1})}, **PLAIN))
     port = server.proxy_address[1]
     request = raw(f"{case.method} /first HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
     first = await converse(port, request, [case.method], expect=1)

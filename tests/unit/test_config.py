@@ -86,7 +86,11 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "api/",
             "routes[0].match.path_prefix: must be a string starting with '/', got 'api/'",
         ),
-        ("routes[0].match.path_prefix", ..., "routes[0].match: missing required key 'path_prefix'"),
+        (
+            "routes[0].match.path_prefix",
+            ...,
+            "routes[0].match: needs exactly one of path_prefix, path_exact, path_regex, got none",
+        ),
         (
             "routes[1].strip_prefix",
             "yes",
@@ -102,7 +106,8 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "routes[1].matches",
             {},
             "routes[1]: unknown key 'matches' "
-            "(known: match, upstream, name, strip_prefix, max_body, upgrade)",
+            "(known: match, upstream, split, redirect, name, strip_prefix, rewrite, host_header, "
+            "headers, timeouts, retries, rate_limit, max_body, upgrade)",
         ),
         ("upstreams.api.targets", [], "upstreams.api.targets: must be a non-empty list, got []"),
         (
@@ -143,7 +148,8 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "listn",
             {},
             "config: unknown key 'listn' "
-            "(known: upstreams, routes, listen, admin, access_log, shutdown, workers)",
+            "(known: upstreams, routes, listen, admin, access_log, shutdown, workers, "
+            "request_id, trace_context)",
         ),
         ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
         (
@@ -255,6 +261,136 @@ def test_keys_that_contradict_each_other_are_rejected(changes, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(data)
     assert str(caught.value) == message
+
+
+ROUTE_MISTAKES: list[tuple[dict[str, Any], str]] = [
+    # match
+    ({"match": {}},
+     "routes[0].match: needs exactly one of path_prefix, path_exact, path_regex, got none"),
+    ({"match": {"path_prefix": "/", "path_exact": "/x"}},
+     "routes[0].match: needs exactly one of path_prefix, path_exact, path_regex, "
+     "got path_prefix, path_exact"),
+    ({"match": {"path_exact": "x"}},
+     "routes[0].match.path_exact: must be a string starting with '/', got 'x'"),
+    ({"match": {"path_regex": "(unclosed"}},
+     "routes[0].match.path_regex: must be a regular expression RE2 accepts "
+     "(missing ): (unclosed), got '(unclosed'"),
+    ({"match": {"path_regex": "(?=lookahead)"}},
+     "routes[0].match.path_regex: must be a regular expression RE2 accepts "
+     "(invalid perl operator: (?=), got '(?=lookahead)'"),
+    ({"match": {"path_prefix": "/", "host": "*.*.example.com"}},
+     "routes[0].match.host: must be a host name, or \"*.\" followed by a domain, "
+     "got '*.*.example.com'"),
+    ({"match": {"path_prefix": "/", "host": "*."}},
+     "routes[0].match.host: must be a host name, or \"*.\" followed by a domain, got '*.'"),
+    ({"match": {"path_prefix": "/", "methods": ["get"]}},
+     "routes[0].match.methods[0]: must be an HTTP method in upper case, like GET, got 'get'"),
+    ({"match": {"path_prefix": "/", "methods": []}},
+     "routes[0].match.methods: must be a non-empty list, got []"),
+    ({"match": {"path_prefix": "/", "headers": {"X-A": {"present": "yes"}}}},
+     "routes[0].match.headers.X-A.present: must be true or false, got 'yes'"),
+    ({"match": {"path_prefix": "/", "headers": {"X-A": ["1"]}}},
+     "routes[0].match.headers.X-A: must be a string, got a list"),
+    ({"match": {"path_prefix": "/", "headers": {"X Canary": "1"}}},
+     "routes[0].match.headers: must be a header name (letters, digits, '-' and the like), "
+     "got 'X Canary'"),
+    ({"match": {"path_prefix": "/", "query": {"v": None}}},
+     "routes[0].match.query.v: must be a string, got null"),
+    # upstream | split | redirect
+    ({"upstream": ...}, "routes[0]: needs exactly one of upstream, split, redirect, got none"),
+    ({"redirect": {}}, "routes[0]: needs exactly one of upstream, split, redirect, "
+     "got upstream, redirect"),
+    ({"upstream": ..., "split": [{"upstream": "api", "weight": 0}]},
+     "routes[0].split[0].weight: must be an integer >= 1, got 0"),
+    ({"upstream": ..., "split": [{"upstream": "api", "weight": 1.5}]},
+     "routes[0].split[0].weight: must be an integer >= 1, got 1.5"),
+    ({"upstream": ..., "split": [{"upstream": "api", "weight": 1},
+                                 {"upstream": "apii", "weight": 1}]},
+     "routes[0].split[1].upstream: unknown upstream 'apii' (known: api, static)"),
+    ({"upstream": ..., "split": []}, "routes[0].split: must be a non-empty list, got []"),
+    ({"upstream": ..., "redirect": {"status": 200}},
+     "routes[0].redirect.status: must be one of 301, 302, 303, 307, 308, got 200"),
+    ({"upstream": ..., "redirect": {"scheme": "ftp"}},
+     "routes[0].redirect.scheme: must be one of http, https, got 'ftp'"),
+    ({"upstream": ..., "redirect": {"port": 0}},
+     "routes[0].redirect.port: must be an integer from 1 to 65535, got 0"),
+    ({"upstream": ..., "redirect": {"host": "a.test:443"}},
+     "routes[0].redirect.host: must be a host name without port or scheme, got 'a.test:443'"),
+    ({"upstream": ..., "redirect": {"path": "/new?x=1"}},
+     "routes[0].redirect.path: must be a path starting with '/', without '?', '#' or spaces, "
+     "got '/new?x=1'"),
+    ({"upstream": ..., "redirect": {"path": "/new"}, "strip_prefix": True},
+     "routes[0].redirect.path: cannot go with rewrite or strip_prefix, which set the "
+     "Location's path from the request's"),
+    # rewrite
+    ({"rewrite": {}}, "routes[0].rewrite: needs exactly one of prefix, regex"),
+    ({"rewrite": {"prefix": "/v2/", "regex": {"pattern": "a", "replacement": "b"}}},
+     "routes[0].rewrite: needs exactly one of prefix, regex"),
+    ({"rewrite": {"prefix": "/v2/"}, "strip_prefix": True},
+     "routes[0].rewrite: cannot go with strip_prefix (rewrite.prefix: / does the same)"),
+    ({"match": {"path_exact": "/api"}, "rewrite": {"prefix": "/v2/"}},
+     "routes[0].rewrite.prefix: needs match.path_prefix to replace"),
+    ({"match": {"path_exact": "/api"}, "strip_prefix": True},
+     "routes[0].strip_prefix: needs match.path_prefix to strip"),
+    ({"rewrite": {"prefix": "v2"}},
+     "routes[0].rewrite.prefix: must be a path starting with '/', without '?', '#' or spaces, "
+     "got 'v2'"),
+    ({"rewrite": {"regex": {"pattern": "(a", "replacement": "b"}}},
+     "routes[0].rewrite.regex.pattern: must be a regular expression RE2 accepts "
+     "(missing ): (a), got '(a'"),
+    ({"rewrite": {"regex": {"pattern": "^/(a)/(b)$", "replacement": "/\\3"}}},
+     "routes[0].rewrite.regex.replacement: refers to group \\3, but the pattern has 2 groups"),
+    ({"rewrite": {"regex": {"pattern": "^/(a)$", "replacement": "/\\x"}}},
+     "routes[0].rewrite.regex.replacement: a backslash must start \\1 to \\99 or \\\\, "
+     "got '/\\\\x'"),
+    ({"rewrite": {"regex": {"pattern": "^/(a)$", "replacement": "/\\1?x=1"}}},
+     "routes[0].rewrite.regex.replacement: must be a path without '?', '#' or spaces "
+     "(\\1 for a group), got '/\\\\1?x=1'"),
+    ({"rewrite": {"regex": {"pattern": "^/a$"}}},
+     "routes[0].rewrite.regex: missing required key 'replacement'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("route", "message"), ROUTE_MISTAKES)
+def test_each_route_mistake_names_its_key_path(route, message):
+    data = copy.deepcopy(BASE)
+    first = {"match": {"path_prefix": "/api/"}, "upstream": "api", **route}
+    data["routes"][0] = {k: v for k, v in first.items() if v is not ...}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value) == message
+
+
+def test_routes_on_one_path_need_names_of_their_own():
+    data = copy.deepcopy(BASE)
+    data["routes"][2]["match"] = {"path_prefix": "/api/", "methods": ["POST"]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value) == (
+        "routes[2].name: must be set (metrics are labelled by it): the default, host and path, "
+        "'/api/', is already routes[0]'s"
+    )
+    data["routes"][2]["name"] = "api-post"
+    assert parse_config(data).routes[2].name == "api-post"
+
+
+def test_exact_and_prefix_routes_on_one_path_get_different_names():
+    data = copy.deepcopy(BASE)
+    data["routes"] = [
+        {"match": {"path_exact": "/login"}, "upstream": "api"},
+        {"match": {"path_prefix": "/login"}, "upstream": "api"},
+        {"match": {"path_regex": "/login/.*", "host": "*.a.test"}, "upstream": "api"},
+        {"match": {"path_prefix": "/"}, "split": [{"upstream": "api", "weight": 1}]},
+        {"match": {"path_prefix": "/r/"}, "redirect": None},
+    ]
+    config = parse_config(data)
+    assert [r.name for r in config.routes] == [
+        "=/login", "/login", "*.a.test~/login/.*", "/", "/r/",
+    ]  # fmt: skip
+    assert config.routes[3].upstreams == ("api",)
+    assert config.routes[4].redirect is not None
+    assert config.routes[4].redirect.status == 308
+    assert config.routes[4].upstreams == ()
 
 
 def test_same_port_on_different_hosts_and_unlimited_pools_are_fine():
@@ -412,3 +548,184 @@ def test_edge_keys_parse_with_nulls_empty_lists_and_unquoted_versions():
     assert (config.admin.token_file, config.admin.allowed_hosts) == (None, ())
     defaults = parse_config(BASE)
     assert (defaults.listen.trusted_proxies, defaults.listen.proxy_protocol) == ((), False)
+
+
+# --- routes[]: header rules, host_header, timeouts, retries (issue 11, part B) ---
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("routes[0].headers.request.remove", ["X-A", "Connection"],
+         "routes[0].headers.request.remove[1]: must not be a hop-by-hop or framing header "
+         "(the proxy sets those itself), got 'Connection'"),
+        ("routes[0].headers.request.set", {"transfer-encoding": "chunked"},
+         "routes[0].headers.request.set.transfer-encoding: must not be a hop-by-hop or framing "
+         "header (the proxy sets those itself), got 'transfer-encoding'"),
+        ("routes[0].headers.response.add", {"Keep-Alive": "timeout=5"},
+         "routes[0].headers.response.add.Keep-Alive: must not be a hop-by-hop or framing "
+         "header (the proxy sets those itself), got 'Keep-Alive'"),
+        ("routes[0].headers.response.remove", ["Content-Length"],
+         "routes[0].headers.response.remove[0]: must not be a hop-by-hop or framing header "
+         "(the proxy sets those itself), got 'Content-Length'"),
+        ("routes[0].headers.request.set", {"Host": "x.test"},
+         "routes[0].headers.request.set.Host: must not be Host (routes[].host_header sets it), "
+         "got 'Host'"),
+        ("routes[0].headers.request.set", {"X Env": "prod"},
+         "routes[0].headers.request.set.X Env: must be a header name (letters, digits, '-' and "
+         "the like), got 'X Env'"),
+        ("routes[0].headers.request.add", {"X-A": "a\r\nX-Injected: 1"},
+         "routes[0].headers.request.add.X-A: must be a header value (visible ASCII; spaces and "
+         "tabs only inside), got 'a\\r\\nX-Injected: 1'"),
+        ("routes[0].headers.response.set", {"X-A": ["1"]},
+         "routes[0].headers.response.set.X-A: must be a string, got a list"),
+        ("routes[0].headers.response.set", ["X-A"],
+         "routes[0].headers.response.set: must be a mapping of header names to values, "
+         "got a list"),
+        ("routes[0].headers.response.remove", "Server",
+         "routes[0].headers.response.remove: must be a list, got 'Server'"),
+        ("routes[0].headers.response.hide", ["Server"],
+         "routes[0].headers.response: unknown key 'hide' (known: set, add, remove)"),
+        ("routes[0].headers.both", {},
+         "routes[0].headers: unknown key 'both' (known: request, response)"),
+        ("routes[0].host_header", "api.example.com/v1",
+         "routes[0].host_header: must be pass, target, or a Host value like api.example.com "
+         "or 10.0.0.5:8080, got 'api.example.com/v1'"),
+        ("routes[0].host_header", "",
+         "routes[0].host_header: must be pass, target, or a Host value like api.example.com "
+         "or 10.0.0.5:8080, got ''"),
+        ("routes[0].host_header", 8080,
+         "routes[0].host_header: must be pass, target, or a Host value like api.example.com "
+         "or 10.0.0.5:8080, got 8080"),
+        ("routes[0].timeouts.read", 0,
+         "routes[0].timeouts.read: must be a number of seconds > 0, got 0"),
+        ("routes[0].timeouts.total", -1,
+         "routes[0].timeouts.total: must be a number of seconds >= 0, got -1"),
+        ("routes[0].timeouts.connect", 1,
+         "routes[0].timeouts: unknown key 'connect' (known: read, total)"),
+        ("routes[0].retries", {},
+         "routes[0].retries: missing required key 'attempts'"),
+        ("routes[0].retries.attempts", 0,
+         "routes[0].retries.attempts: must be an integer >= 1, got 0"),
+        ("routes[0].retries.budget", 0.5,
+         "routes[0].retries: unknown key 'budget' (known: attempts)"),
+    ],
+)  # fmt: skip
+def test_route_policy_keys_name_their_path(path, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_change(path, value))
+    assert str(caught.value) == message
+
+
+def test_route_policy_keys_parse_and_default_to_off():
+    data = copy.deepcopy(BASE)
+    data["routes"][0].update(
+        host_header="10.0.0.5:8080",
+        headers={"request": {"set": {"X-Env": "prod"}, "add": {"X-N": 5}, "remove": None},
+                 "response": {"remove": ["Server"]}},
+        timeouts={"read": 300, "total": 0},
+        retries={"attempts": 1},
+    )  # fmt: skip
+    config = parse_config(data)
+    ruled, plain = config.routes[0], config.routes[1]
+    assert ruled.host_header == "10.0.0.5:8080"
+    assert dict(ruled.headers.request.set) == {"X-Env": "prod"}
+    assert dict(ruled.headers.request.add) == {"X-N": "5"}
+    assert (ruled.headers.request.remove, ruled.headers.response.remove) == ((), ("Server",))
+    assert ruled.timeouts is not None and (ruled.timeouts.read, ruled.timeouts.total) == (300, 0)
+    assert ruled.retries is not None and ruled.retries.attempts == 1
+    assert (plain.host_header, plain.timeouts, plain.retries) == ("pass", None, None)
+    bracketed = parse_config(with_change("routes[0].host_header", "[::1]:80"))
+    assert bracketed.routes[0].host_header == "[::1]:80"
+
+
+# --- ${VAR} in values (proxy/variables.py), through load_config as at start-up and reload ---
+
+# Block style: YAML reads `{` in a flow collection ({limit: ...}) as one, so quote it there.
+VARS_YAML = """\
+upstreams:
+  api:
+    targets: ["http://${API_HOST:-127.0.0.1}:${API_PORT}"]
+    pool:
+      limit: ${POOL_LIMIT:-100}
+routes:
+  - match: {path_prefix: /}
+    upstream: api
+    headers: {request: {set: {X-Env: "env-${ENV_NAME:-dev}", X-Cost: "$${NOT_A_VAR}"}}}
+trace_context: ${TRACING:-true}
+"""
+
+
+def load_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, **env: str) -> Any:
+    for name in ("API_HOST", "API_PORT", "POOL_LIMIT", "ENV_NAME", "TRACING", "X"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_variables_are_read_as_yaml_scalars_when_they_are_the_whole_value(tmp_path, monkeypatch):
+    config = load_with(tmp_path, monkeypatch, VARS_YAML, API_PORT="9001", POOL_LIMIT="7",
+                       TRACING="false", ENV_NAME="prod")  # fmt: skip
+    api = config.upstreams["api"]
+    assert api.targets[0].url == "http://127.0.0.1:9001"  # default, and text inside a string
+    assert api.pool.limit == 7  # the int 7: the check for integers passed
+    assert config.trace_context is False  # the bool false
+    assert dict(config.routes[0].headers.request.set) == {
+        "X-Env": "env-prod",
+        "X-Cost": "${NOT_A_VAR}",  # $${ is a literal ${
+    }
+
+
+def test_defaults_apply_to_unset_variables(tmp_path, monkeypatch):
+    config = load_with(tmp_path, monkeypatch, VARS_YAML, API_PORT="9001")
+    assert config.upstreams["api"].pool.limit == 100
+    assert config.trace_context is True
+    assert config.routes[0].headers.request.set["X-Env"] == "env-dev"
+
+
+def test_an_unset_variable_without_default_names_the_key_path_and_variable(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as caught:
+        load_with(tmp_path, monkeypatch, VARS_YAML)
+    assert str(caught.value) == (
+        "upstreams.api.targets[0]: environment variable API_PORT is not set "
+        "(give a default: ${API_PORT:-...})"
+    )
+
+
+@pytest.mark.parametrize("value", ["{a: 1}", "[1, 2]", "- a", "a: b", "@x"])
+def test_a_variable_never_injects_yaml_structure(tmp_path, monkeypatch, value):
+    with pytest.raises(ConfigError) as caught:
+        load_with(tmp_path, monkeypatch, VARS_YAML, API_PORT="1", POOL_LIMIT=value)
+    assert str(caught.value) == (
+        "upstreams.api.pool.limit: ${POOL_LIMIT:-100} must be a single value (a string, "
+        f"number or boolean), got {value!r}"
+    )
+
+
+def test_inside_a_longer_string_a_variable_is_plain_text(tmp_path, monkeypatch):
+    config = load_with(tmp_path, monkeypatch, VARS_YAML, API_PORT="1", ENV_NAME="{a: 1}")
+    assert config.routes[0].headers.request.set["X-Env"] == "env-{a: 1}"
+
+
+def test_a_wrongly_typed_variable_fails_the_keys_own_check(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as caught:
+        load_with(tmp_path, monkeypatch, VARS_YAML, API_PORT="1", POOL_LIMIT="many")
+    assert str(caught.value) == "upstreams.api.pool.limit: must be an integer >= 0, got 'many'"
+
+
+@pytest.mark.parametrize("value", ["${", "${1X}", "${X:+y}", "${X"])
+def test_a_malformed_reference_is_refused(tmp_path, monkeypatch, value):
+    text = f"upstreams: {{api: {{targets: ['{value}']}}}}\nroutes: []\n"
+    with pytest.raises(ConfigError) as caught:
+        load_with(tmp_path, monkeypatch, text, X="1")
+    assert str(caught.value).startswith("upstreams.api.targets[0]: '${' must start ${NAME}")
+
+
+def test_keys_are_never_substituted(tmp_path, monkeypatch):
+    text = VARS_YAML + '"${X}": 1\n'
+    with pytest.raises(ConfigError) as caught:
+        load_with(tmp_path, monkeypatch, text, API_PORT="1", X="workers")
+    assert str(caught.value).startswith("config: unknown key '${X}'")

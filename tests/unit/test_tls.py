@@ -79,11 +79,11 @@ def test_client_subject_is_written_as_rfc_4514(peercert, subject):
 
 def test_access_log_has_the_client_certificate_in_both_formats():
     exchange = Exchange(0.0, 0.0, "127.0.0.1", "GET", "/", status=200)
-    assert json_formatter()(exchange).endswith('"client_cert":null}')
-    assert text_formatter()(exchange).endswith(" client_cert=-")
+    assert '"client_cert":null,' in json_formatter()(exchange)
+    assert " client_cert=- " in text_formatter()(exchange)
     exchange.client_cert = 'CN=a "b",O=Example\\, Inc.'
-    assert json_formatter()(exchange).endswith('"client_cert":"CN=a \\"b\\",O=Example\\\\, Inc."}')
-    assert text_formatter()(exchange).endswith(' client_cert="CN=a \\"b\\",O=Example\\\\, Inc."')
+    assert '"client_cert":"CN=a \\"b\\",O=Example\\\\, Inc.",' in json_formatter()(exchange)
+    assert ' client_cert="CN=a \\"b\\",O=Example\\\\, Inc." ' in text_formatter()(exchange)
 
 
 BASE = {
