@@ -224,9 +224,32 @@ _NOT_IN_PATH = re.compile(r"[?#\s\x00-\x1f\x7f]")
 
 def request_path(value: Any, path: str) -> str:
     """An absolute path without query: the request's own query is kept after it."""
-    if not isinstance(value, str) or not value.startswith("/") or _NOT_IN_PATH.search(value):
-        raise fail(path, "must be a path starting with '/', without '?', '#' or spaces", value)
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or value.startswith(("//", "/\\"))  # another host, to a browser
+        or _NOT_IN_PATH.search(value)
+    ):
+        raise fail(path, "must be a path starting with one '/', without '?', '#' or spaces", value)
     return value
+
+
+_REDIRECT_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
+def redirect_host(value: Any, path: str) -> str:
+    """A host for a Location: letters, digits, dots and hyphens (or an IPv6 literal in
+    brackets); nothing that could move the authority ('@', '/', '?', '#', ':')."""
+    if not isinstance(value, str) or not _REDIRECT_HOST.fullmatch(value):
+        raise fail(path, "must be a host name or an IP address, without port", value)
+    return value.lower()
+
+
+def rate(value: Any, path: str) -> float:
+    """Requests per second: from 0.001 (one in about 17 minutes) to a billion."""
+    if not _is_number(value) or not 0.001 <= value <= 1e9:
+        raise fail(path, "must be a number from 0.001 to 1e9", value)
+    return float(value)
 
 
 _REFERENCE = re.compile(r"\\([0-9]{1,2})|\\\\")

@@ -39,9 +39,10 @@ from proxy.checks import (
     path_prefix,
     port,
     positive_int,
-    positive_number,
     positive_seconds,
+    rate,
     rate_limit_key,
+    redirect_host,
     regex,
     regex_groups,
     replacement,
@@ -248,7 +249,7 @@ def location_port(value: Any, path: str) -> int:
 class Redirect:
     status: int = key(one_of_int(301, 302, 303, 307, 308), 308)
     scheme: str | None = key(optional(one_of("http", "https")), None)  # None keeps the request's
-    host: str | None = key(optional(host_name), None)
+    host: str | None = key(optional(redirect_host), None)
     port: int | None = key(optional(location_port), None)
     path: str | None = key(optional(request_path), None)  # the request's query is kept after it
 
@@ -344,7 +345,7 @@ class RouteRetries:
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    requests_per_second: float = key(positive_number)
+    requests_per_second: float = key(rate)
     burst: int = key(positive_int)
     key: str = key(rate_limit_key, "client_ip")  # client_ip | route | header:NAME
 
@@ -375,10 +376,22 @@ class Route:
         return (self.upstream,) if self.upstream is not None else ()
 
 
+# Headers the proxy itself decides: a request ID there would replace (or, trusted, keep) them.
+_NOT_AN_ID = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip",
+     "traceparent", "tracestate"}
+)  # fmt: skip
+
+
 def request_id_name(value: Any, path: str) -> str:
     """A header name, or "" (off); never a framing or hop-by-hop one (Content-Length: a hex ID
-    would break the request's framing)."""
-    return header_rule_name(request_id_header(value, path), path) if value != "" else ""
+    would break the request's framing), nor one the proxy sets itself."""
+    if value == "":
+        return ""
+    name = header_rule_name(request_id_header(value, path), path)
+    if name.lower() in _NOT_AN_ID:
+        raise ConfigError(f"{path}: {show(name)} is set by the proxy itself; choose another")
+    return name
 
 
 @dataclass(frozen=True, slots=True)

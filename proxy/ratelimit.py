@@ -9,6 +9,7 @@ the one answer. Knows nothing of YAML or metrics.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -27,6 +28,7 @@ from proxy.exchange import Exchange
 # while its bucket was not full again gets a full one next time: a flood of new keys can loosen
 # the limit for the keys it pushes out, never tighten it.
 MAX_KEYS = 65536
+_LONGEST_KEY = 64  # characters of a header:NAME key kept as they are; longer ones are hashed
 
 
 def worker_count(config: Config) -> int:
@@ -101,6 +103,11 @@ class RateLimits:
         buckets = self._routes[route.name]
         if buckets.header is not None:
             key = headers.get(buckets.header)  # without it, requests share the None bucket
+            if key is not None and len(key) > _LONGEST_KEY:
+                # A client picks this value: 65,536 keys of 8 KiB would be half a GiB.
+                key = hashlib.blake2b(
+                    key.encode("utf-8", "surrogateescape"), digest_size=16
+                ).hexdigest()
         else:
             key = client if buckets.per_client else None
         wait = buckets.take(key, time.monotonic())

@@ -34,6 +34,10 @@ def location(redirect: Redirect, scheme: str, host: str | None, target: str) -> 
     if redirect.path is not None:
         _, question, query = target.partition("?")
         target = redirect.path + question + query
+    if target.startswith(("//", "/\\")):
+        # "//evil.example/x" as a relative Location is another host (a scheme-relative
+        # reference), and a browser takes "/\\" for "//" too: one "/" only.
+        target = "/" + target.lstrip("/\\")
     if host is None and redirect.host is None:
         # Only a relative reference is left (RFC 9110 §10.2.2): enough if nothing else changes.
         return target if redirect.scheme is None and redirect.port is None else None

@@ -123,8 +123,14 @@ def _conditions(match: Match) -> tuple[Condition, ...]:
         wanted = tuple(match.query.items())
         checks.append(lambda host, path, method, headers, target: _has_query(target, wanted))
     if match.path_regex is not None:  # last: the dearest, though linear (RE2)
-        fullmatch = re2.compile(match.path_regex).fullmatch
-        checks.append(lambda host, path, method, headers, target: fullmatch(path) is not None)
+        # On bytes: google-re2 maps str offsets back through a generator on every call (6 µs
+        # per match here), bytes go straight to RE2 (2.5 µs).
+        fullmatch = re2.compile(match.path_regex.encode()).fullmatch
+        checks.append(
+            lambda host, path, method, headers, target: (
+                fullmatch(path.encode("utf-8", "surrogateescape")) is not None
+            )
+        )
     return tuple(checks)
 
 
@@ -263,7 +269,9 @@ class RoutingTable:
         else:
             rest = self._rewrites[id(route)](path)
         _, question, query = raw_target.partition("?")
-        return (rest if rest.startswith("/") else "/" + rest) + question + query
+        # One leading "/", never "//": a backend may read "//host/x" as scheme-relative (and a
+        # redirect's relative Location would point at another host).
+        return "/" + rest.lstrip("/") + question + query
 
     def __len__(self) -> int:
         return len(self._routes)

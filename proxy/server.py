@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TextIO
 
 from aiohttp import web
+from multidict import CIMultiDict
 
+from proxy import tracing
 from proxy.accept import GuardedListener, GuardedSite
 from proxy.accesslog import AccessLog
 from proxy.admin import admin_app
@@ -184,8 +186,15 @@ class ProxyServer:
             self.access_log.write(exchange)
 
     def _on_rejected(self, client: str | None, status: int) -> None:
-        """A request aiohttp's parser refused (400/431) still counts and is logged."""
-        self._observe(Exchange(time.time(), time.perf_counter(), client, "", "", status=status))
+        """A request aiohttp's parser refused (400/414/431) still counts and is logged, and its
+        answer carries a request ID like every other (set for the task that answers it)."""
+        exchange = Exchange(time.time(), time.perf_counter(), client, "", "", status=status)
+        if self._snapshot is not None and self._snapshot.request_id.header:
+            exchange.identity = tracing.identify(
+                _NO_HEADERS, self._snapshot.request_id.header, False, False
+            )
+            tracing.CURRENT.set(exchange.identity)
+        self._observe(exchange)
 
     async def start(self) -> None:
         """Admin first, so /readyz answers 503 while the data plane comes up."""
@@ -461,6 +470,9 @@ async def serve(
     finally:
         await server.stop()
         log.info("stopped")
+
+
+_NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
 
 async def _drained(upstreams: Iterable[Upstream], seconds: float) -> None:

@@ -19,7 +19,12 @@ from multidict import CIMultiDict, MultiMapping
 MAX_ID = 200  # characters of a client's request ID kept (request_id.trust_incoming)
 _VISIBLE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID}}}")
 # Version 00 exactly, lower-case hex (§3.2.2); all-zero IDs are checked apart.
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# Version 00 exactly; a higher version (not ff) is read as 00 where its first fields fit, and
+# may carry more after a "-" (§4.3). What goes upstream is version 00.
+_TRACEPARENT = re.compile(
+    r"(?:00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2}))"
+    r"|(?:(?!00|ff)[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?)"
+)
 _ZERO_TRACE, _ZERO_PARENT = "0" * 32, "0" * 16
 
 
@@ -39,6 +44,8 @@ def identify(
     """The request's ID (the client's when trusted and 1-200 visible ASCII characters, else a
     new one) and its trace (continued from a valid traceparent, else started)."""
     # All the randomness a request may need, in one call: 0.7 µs (uuid4().hex alone: 2.9 µs).
+    if not (id_header or trace_context):
+        return Identity("", None, None, None, False)  # both off: nothing to make
     fresh = os.urandom(40).hex()
     request_id = None
     if id_header:
@@ -78,9 +85,12 @@ def _incoming_trace(headers: MultiMapping[str]) -> tuple[str, str] | None:
     if len(values) != 1:
         return None
     found = _TRACEPARENT.fullmatch(values[0])
-    if found is None or found[1] == _ZERO_TRACE or found[2] == _ZERO_PARENT:
+    if found is None:
         return None
-    return found[1], found[3]
+    trace_id, parent_id, flags = found.group(1, 2, 3) if found[1] else found.group(4, 5, 6)
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_PARENT:
+        return None
+    return trace_id, flags
 
 
 def to_upstream(out: CIMultiDict[str], identity: Identity) -> None:

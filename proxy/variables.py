@@ -15,8 +15,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from proxy.checks import ConfigError
 
 # `$${` (escape), or `${NAME}` / `${NAME:-default}` (the default may be empty, without `}`),
@@ -65,15 +63,19 @@ def _lookup(found: re.Match[str], environ: Mapping[str, str], path: str) -> str:
     )
 
 
+_INTEGER = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")  # "0755" stays text
+_DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_BOOLEANS = {"true": True, "false": False}
+
+
 def _scalar(text: str, reference: str, path: str) -> Any:
-    """`text` read as YAML would read it written as the value; refused unless a scalar."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = []  # not one YAML value either
-    if isinstance(value, (dict, list)):
-        raise ConfigError(
-            f"{path}: {reference} must be a single value (a string, number or boolean), "
-            f"got {text!r}"
-        )
-    return value
+    """A value that is one whole ${...}: a plain decimal number (no leading zero) or
+    true/false becomes that number or boolean (so `limit: ${POOL_LIMIT:-100}` is 100); anything
+    else stays the string it is. YAML's own reading is not used: it would make "0755"
+    octal, "12:30" a number of minutes, cut "a #b" at its comment, and read "{a: 1}" as
+    structure."""
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if _DECIMAL.fullmatch(text):
+        return float(text)
+    return _BOOLEANS.get(text, text)

@@ -305,3 +305,17 @@ async def test_a_reload_keeps_the_buckets_of_an_unchanged_limit(backend, tmp_pat
         assert [r.status for r in await send(server, *[get("/")] * 3)] == [200, 200, 429]
     finally:
         await server.stop()
+
+
+async def test_a_request_the_parser_refuses_gets_a_request_id_too(backend):
+    """431 (a header line over listen.limits.max_header) never reaches the handler: its
+    answer and its access log line still carry one ID."""
+    import json
+
+    origin = await backend(answering(OK))
+    async with logged_proxy(origin) as (server, stream):
+        (response,) = await send(server, get("/", extra="X-Big: " + "b" * 9000 + "\r\n"))
+    request_id = response.header("X-Request-Id") or ""
+    assert response.status == 431 and NEW_ID.fullmatch(request_id)
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["request_id"] == request_id

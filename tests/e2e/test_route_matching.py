@@ -271,3 +271,23 @@ async def test_split_sends_each_request_by_weight_and_counts_the_upstream_used(b
         await server.stop()  # flushes the access log
     logged = Counter(json.loads(line)["upstream"] for line in log.getvalue().splitlines())
     assert logged == answered
+
+
+# --- found by review ---
+
+
+async def test_a_rewritten_path_never_starts_with_two_slashes(backend, proxy):
+    """ "//users" would be scheme-relative to many backends, and to a browser in a Location."""
+    server, backends = await routed(backend, proxy, [
+        {**route("a", path_prefix="/api"), "rewrite": {"prefix": "/"}, "name": "api"},
+        {**route("a", path_prefix="/old"), "name": "old",
+         "rewrite": {"regex": {"pattern": "^/old(/.*)$", "replacement": "\\1"}}},
+        {"name": "away", "match": {"path_prefix": "/go"}, "rewrite": {"prefix": "/"},
+         "redirect": {"status": 301}},
+    ], "a")  # fmt: skip
+    assert await who(server, get("/api/users?q")) == "a"
+    assert await who(server, get("/old//evil.example/x")) == "a"
+    assert [r.target for r in backends["a"].requests] == ["/users?q", "/evil.example/x"]
+    # HTTP/1.0 without Host: only a relative Location is possible, and it stays on this host.
+    answer = await ask(server, b"GET /go//evil.example/x HTTP/1.0\r\n\r\n")
+    assert (answer.status, answer.header("Location")) == (301, "/evil.example/x")

@@ -315,9 +315,11 @@ ROUTE_MISTAKES: list[tuple[dict[str, Any], str]] = [
     ({"upstream": ..., "redirect": {"port": 0}},
      "routes[0].redirect.port: must be an integer from 1 to 65535, got 0"),
     ({"upstream": ..., "redirect": {"host": "a.test:443"}},
-     "routes[0].redirect.host: must be a host name without port or scheme, got 'a.test:443'"),
+     "routes[0].redirect.host: must be a host name or an IP address, without port, got "
+     "'a.test:443'"),
     ({"upstream": ..., "redirect": {"path": "/new?x=1"}},
-     "routes[0].redirect.path: must be a path starting with '/', without '?', '#' or spaces, "
+     "routes[0].redirect.path: must be a path starting with one '/', without '?', '#' or "
+     "spaces, "
      "got '/new?x=1'"),
     ({"upstream": ..., "redirect": {"path": "/new"}, "strip_prefix": True},
      "routes[0].redirect.path: cannot go with rewrite or strip_prefix, which set the "
@@ -333,7 +335,8 @@ ROUTE_MISTAKES: list[tuple[dict[str, Any], str]] = [
     ({"match": {"path_exact": "/api"}, "strip_prefix": True},
      "routes[0].strip_prefix: needs match.path_prefix to strip"),
     ({"rewrite": {"prefix": "v2"}},
-     "routes[0].rewrite.prefix: must be a path starting with '/', without '?', '#' or spaces, "
+     "routes[0].rewrite.prefix: must be a path starting with one '/', without '?', '#' or "
+     "spaces, "
      "got 'v2'"),
     ({"rewrite": {"regex": {"pattern": "(a", "replacement": "b"}}},
      "routes[0].rewrite.regex.pattern: must be a regular expression RE2 accepts "
@@ -697,12 +700,25 @@ def test_an_unset_variable_without_default_names_the_key_path_and_variable(tmp_p
 
 @pytest.mark.parametrize("value", ["{a: 1}", "[1, 2]", "- a", "a: b", "@x"])
 def test_a_variable_never_injects_yaml_structure(tmp_path, monkeypatch, value):
+    # It stays the string it is, which the key's own check then refuses.
     with pytest.raises(ConfigError) as caught:
         load_with(tmp_path, monkeypatch, VARS_YAML, API_PORT="1", POOL_LIMIT=value)
     assert str(caught.value) == (
-        "upstreams.api.pool.limit: ${POOL_LIMIT:-100} must be a single value (a string, "
-        f"number or boolean), got {value!r}"
+        f"upstreams.api.pool.limit: must be an integer >= 0, got {value!r}"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("100", 100), ("-3", -3), ("1.5", 1.5), ("true", True), ("false", False),
+     # What YAML would have turned into something else: kept as written.
+     ("0755", "0755"), ("12:30", "12:30"), ("1_000", "1_000"), ("s3cr3t #tail", "s3cr3t #tail"),
+     ("*.example.com", "*.example.com"), ("yes", "yes"), ("null", "null"), ("", "")],
+)  # fmt: skip
+def test_a_whole_value_variable_is_a_decimal_number_a_boolean_or_its_text(value, parsed):
+    from proxy.variables import substitute
+
+    assert substitute({"k": "${V}"}, {"V": value}) == {"k": parsed}
 
 
 def test_inside_a_longer_string_a_variable_is_plain_text(tmp_path, monkeypatch):
@@ -729,3 +745,28 @@ def test_keys_are_never_substituted(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as caught:
         load_with(tmp_path, monkeypatch, text, API_PORT="1", X="workers")
     assert str(caught.value).startswith("config: unknown key '${X}'")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("routes[0].redirect", {"host": "good.example@evil.example"},
+         "routes[0].redirect.host: must be a host name or an IP address, without port, got "
+         "'good.example@evil.example'"),
+        ("routes[0].redirect", {"path": "//evil.example/x"},
+         "routes[0].redirect.path: must be a path starting with one '/', without '?', '#' or "
+         "spaces, got '//evil.example/x'"),
+        ("request_id", {"header": "X-Forwarded-For"},
+         "request_id.header: 'X-Forwarded-For' is set by the proxy itself; choose another"),
+        ("routes[0].rate_limit", {"requests_per_second": 1e-310, "burst": 1},
+         "routes[0].rate_limit.requests_per_second: must be a number from 0.001 to 1e9, got "
+         "1e-310"),
+    ],
+)  # fmt: skip
+def test_review_findings_are_refused_at_load(path, value, message):
+    data = with_change(path, value)
+    if path == "routes[0].redirect":
+        del data["routes"][0]["upstream"]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value) == message

@@ -119,3 +119,19 @@ def test_a_reload_keeps_buckets_of_unchanged_limits_only():
     assert same.retry_after(limited, None, CIMultiDict()) > 0  # still drained
     (changed, _) = routes(requests_per_second=0.001, burst=2, key="route")
     assert RateLimits([changed], keep=same).retry_after(changed, None, CIMultiDict()) == 0
+
+
+def test_a_long_header_key_is_kept_as_a_digest_so_the_table_stays_small():
+    config = parse_config({
+        "upstreams": {"a": {"targets": ["http://127.0.0.1:1"]}},
+        "routes": [{"name": "r", "match": {"path_prefix": "/"}, "upstream": "a",
+                    "rate_limit": {"requests_per_second": 1, "burst": 1, "key": "header:K"}}],
+    })  # fmt: skip
+    limits = RateLimits(config.routes)
+    route = config.routes[0]
+    long_value = "v" * 8000
+    assert limits.retry_after(route, None, CIMultiDict(K=long_value)) == 0
+    assert limits.retry_after(route, None, CIMultiDict(K=long_value)) >= 1  # the same bucket
+    assert limits.retry_after(route, None, CIMultiDict(K=long_value + "x")) == 0  # another
+    (table,) = limits._routes.values()
+    assert all(key is None or len(key) <= 64 for key in table._table)

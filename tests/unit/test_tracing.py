@@ -68,7 +68,6 @@ def test_a_valid_traceparent_is_continued_with_a_new_parent_id_and_its_flags():
 @pytest.mark.parametrize(
     "value",
     [
-        f"01-{TRACE}-{PARENT}-01",  # another version
         f"00-{TRACE.upper()}-{PARENT}-01",  # upper case
         f"00-{'0' * 32}-{PARENT}-01",  # all-zero trace-id
         f"00-{TRACE}-{'0' * 16}-01",  # all-zero parent-id
@@ -113,3 +112,20 @@ def test_log_lines_during_a_request_end_with_its_id():
     outside = logging.LogRecord("proxy", logging.INFO, "", 0, "plain", (), None)
     LOG_FILTER.filter(outside)
     assert outside.getMessage() == "plain"
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "continued"),
+    [
+        (f"00-{TRACE}-{PARENT}-01", True),
+        (f"01-{TRACE}-{PARENT}-01", True),  # a higher version, read as 00 (§4.3)
+        (f"01-{TRACE}-{PARENT}-01-more", True),
+        (f"00-{TRACE}-{PARENT}-01-more", False),  # version 00 has nothing after the flags
+        (f"ff-{TRACE}-{PARENT}-01", False),
+        (f"01-{TRACE}-{PARENT}-01x", False),
+    ],
+)
+def test_higher_traceparent_versions_are_read_as_00(traceparent, continued):
+    identity = identify(CIMultiDict(traceparent=traceparent), "X-Request-Id", True, True)
+    assert (identity.trace_id == TRACE) is continued
+    assert identity.traceparent is not None and identity.traceparent.startswith("00-")
