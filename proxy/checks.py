@@ -344,9 +344,17 @@ def ip_network(value: Any, path: str) -> IPNetwork:
     if not isinstance(value, str):
         raise fail(path, required, value)
     try:
-        return ipaddress.ip_network(value.strip())
+        network = ipaddress.ip_network(value.strip())
     except ValueError as exc:
         raise fail(path, f"{required} ({exc})", value) from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        # ::ffff:a.b.c.d/N names IPv4 addresses, which peers are compared as (identity.py).
+        mapped = int(network.network_address) & 0xFFFFFFFF
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def tls_version(value: Any, path: str) -> str:

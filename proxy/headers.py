@@ -73,7 +73,7 @@ def _end_to_end(
         lower = name.lower()
         if lower in drop or lower in listed:
             continue
-        if "_" in lower and (not underscores or lower.replace("_", "-") in drop):
+        if "_" in lower and (not underscores or lower.replace("_", "-") in _NOT_AS_UNDERSCORES):
             # CGI and WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to one
             # variable: a client could forge the proxy's own headers (nginx drops them too),
             # and with underscores allowed, those still may not pass under another spelling.
@@ -92,8 +92,13 @@ def _end_to_end(
     return out
 
 
-_FROM_TRUSTED_PROXY = HOP_BY_HOP | _REQUEST_ONLY
+# Forwarded and X-Real-IP are never believed: only X-Forwarded-For/-Proto/-Host are walked or
+# kept from a trusted proxy, so a balancer that passes a client's X-Real-IP on (AWS ALB does)
+# cannot carry its lie to the backend.
+_FROM_TRUSTED_PROXY = HOP_BY_HOP | _REQUEST_ONLY | {"forwarded", "x-real-ip"}
 _FROM_CLIENT = _FROM_TRUSTED_PROXY | _SAID_BY_PROXIES
+# What may not arrive under an underscore spelling either, whoever sent it.
+_NOT_AS_UNDERSCORES = _FROM_CLIENT
 
 
 def to_upstream(
@@ -109,8 +114,9 @@ def to_upstream(
 
     `peer` sent the request (identity.py): the client itself, unless `trusted` (one of
     listen.trusted_proxies). A client's X-Forwarded-*, Forwarded and X-Real-IP are removed and
-    the proxy's own set; a trusted proxy's are kept, `peer` appended to its X-Forwarded-For,
-    and X-Forwarded-Proto/-Host set only where it sent none.
+    the proxy's own set; a trusted proxy's X-Forwarded-* are kept, `peer` appended to its
+    X-Forwarded-For, and X-Forwarded-Proto/-Host set only where it sent none (its Forwarded
+    and X-Real-IP are removed all the same).
     Names with "_" are dropped unless `underscores` (listen.allow_underscores_in_headers).
     Raises ValueError for a value that was not UTF-8 (it could not be sent as it came)."""
     drop = _FROM_TRUSTED_PROXY if trusted else _FROM_CLIENT

@@ -73,6 +73,8 @@ def _v1(data: bytes) -> ProxyHeader | int:
     if family is None:
         raise ProxyProtocolError("v1 header is not 'PROXY TCP4|TCP6 src dst sport dport'")
     try:
+        if any(b"%" in field for field in fields[2:4]):
+            raise ValueError("a scope id")  # ipaddress takes "::1%x"; the spec's form has none
         source, _ = (family(field.decode("ascii")) for field in fields[2:4])
     except ValueError:  # also UnicodeDecodeError
         raise ProxyProtocolError(f"v1 {fields[1].decode()} addresses are not valid") from None
@@ -82,7 +84,13 @@ def _v1(data: bytes) -> ProxyHeader | int:
 
 
 def _port(field: bytes) -> bool:
-    return field.isdigit() and len(field) <= 5 and int(field) <= 65535
+    # Digits only, no leading zero ("Heading zeroes are not permitted", spec 2.1).
+    return (
+        field.isdigit()
+        and len(field) <= 5
+        and int(field) <= 65535
+        and (field == b"0" or not field.startswith(b"0"))
+    )
 
 
 def _address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

@@ -65,3 +65,19 @@ def test_behind_a_trusted_proxy_the_client_is_always_an_ip_address(entries):
     client, trusted = identify(PROXIES, "127.0.0.1", ", ".join(entries))
     assert trusted
     ipaddress.ip_address(client)  # whatever was forwarded: never a string the client chose
+
+
+@pytest.mark.parametrize("entry", ["1.2.3.4\udcff", "1.2.3.4\x00", "\udcff"])
+def test_an_entry_that_is_not_text_an_address_could_be_stops_the_walk(entry):
+    """aiohttp hands non-UTF-8 bytes on as surrogates; inet_pton raises for them and for NUL."""
+    identity = ClientIdentity([ipaddress.ip_network("127.0.0.0/8")])
+    headers = CIMultiDict({"X-Forwarded-For": f"9.9.9.9, {entry}"})
+    assert identity.identify("127.0.0.1", headers) == ("127.0.0.1", True)
+
+
+def test_an_ipv4_mapped_trusted_proxy_entry_names_ipv4_peers():
+    from proxy.checks import ip_network
+
+    network = ip_network("::ffff:127.0.0.0/104", "listen.trusted_proxies[0]")
+    assert network == ipaddress.ip_network("127.0.0.0/8")
+    assert ClientIdentity([network]).identify("127.0.0.1", CIMultiDict())[1]

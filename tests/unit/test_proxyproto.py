@@ -168,3 +168,21 @@ def test_a_header_read_in_any_pieces_takes_exactly_its_bytes(header, after, piec
         taken += seen[: found.length - len(taken)] if isinstance(found, ProxyHeader) else seen
     assert taken == header
     assert found == parse(header)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"PROXY TCP6 ::1%,6.6.6.6 ::1 1 2\r\n",  # a scope id: ipaddress would take it
+        b"PROXY TCP6 ::1%eth0 ::1 1 2\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 0443 80\r\n",  # "Heading zeroes are not permitted"
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 443 080\r\n",
+    ],
+)
+def test_v1_refuses_what_the_spec_forbids(line):
+    with pytest.raises(ProxyProtocolError):
+        parse(line)
+
+
+def test_v1_port_zero_is_a_port():
+    assert isinstance(parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 0 80\r\n"), ProxyHeader)
