@@ -21,6 +21,7 @@ from yarl import URL
 from proxy import headers as hdrs
 from proxy import intake, ratelimit, respond, tracing, tunnel
 from proxy.balancing import TargetState
+from proxy.checks import IPNetwork
 from proxy.deadlines import peer_of
 from proxy.exchange import Exchange
 from proxy.failures import (
@@ -32,7 +33,7 @@ from proxy.failures import (
     classify,
     phase,
 )
-from proxy.identity import ClientIdentity, IPNetwork
+from proxy.identity import ClientIdentity
 from proxy.listener import ForwardedResponse, plain_response
 from proxy.policy import PLAIN, RoutePolicy
 from proxy.redirect import answer as redirect_answer
@@ -87,14 +88,14 @@ class Forwarder:
         exchange = Exchange(time.time(), time.perf_counter(), client, request.method,
                             request.raw_path)  # fmt: skip
         exchange.client_cert = client_subject(request.transport)
-        now = self._current()  # its request_id and trace_context (_handle reads it for the rest)
+        snapshot = self._current()  # the one this request is handled with, whatever reloads
         exchange.identity = tracing.identify(
-            request.headers, now.request_id.header, now.request_id.trust_incoming,
-            now.trace_context,
+            request.headers, snapshot.request_id.header, snapshot.request_id.trust_incoming,
+            snapshot.trace_context,
         )  # fmt: skip
         tracing.CURRENT.set(exchange.identity)  # every response and log line of this request
         try:
-            return await self._handle(request, exchange, peer, trusted)
+            return await self._handle(request, exchange, snapshot, peer, trusted)
         except asyncio.CancelledError:  # the client went away (handler_cancellation=True)
             exchange.status = 499
             if exchange.upstream and exchange.error is None:
@@ -114,9 +115,13 @@ class Forwarder:
                 self._observe(exchange)
 
     async def _handle(
-        self, request: web.BaseRequest, exchange: Exchange, peer: str | None, trusted: bool
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        snapshot: Snapshot,
+        peer: str | None,
+        trusted: bool,
     ) -> web.StreamResponse:
-        snapshot = self._current()
         try:
             to = intake.addressed(request)
             route = snapshot.routes.match(

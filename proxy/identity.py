@@ -9,13 +9,12 @@ Pure: knows nothing of connections or aiohttp request objects.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable
 
 from multidict import MultiMapping
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from proxy.checks import IPNetwork
 
 _MAPPED = 0xFFFF << 32  # ::ffff:0:0/96, IPv4 addresses written as IPv6 ones (RFC 4291 §2.5.5.2)
 

@@ -68,10 +68,18 @@ def tls_files_stamp(tls: UpstreamTLS) -> FileStamp:
     return file_stamp(*filter(None, (tls.ca_file, tls.cert, tls.key)))
 
 
+def listener_pairs(tls: ListenTLS) -> list[tuple[str, str, str]]:
+    """(key path, cert, key) of the default certificate, then of listen.tls.certificates."""
+    pairs = [("listen.tls", tls.cert, tls.key)]
+    pairs += [(f"listen.tls.certificates[{i}]", p.cert, p.key)
+              for i, p in enumerate(tls.certificates)]  # fmt: skip
+    return pairs
+
+
 def listen_files(tls: ListenTLS) -> tuple[str, ...]:
     """Every file the listener reads: certificates, keys and client_ca."""
-    pairs = ((tls.cert, tls.key), *((p.cert, p.key) for p in tls.certificates))
-    return (*(name for pair in pairs for name in pair), *filter(None, [tls.client_ca]))
+    files = (name for _, cert, key in listener_pairs(tls) for name in (cert, key))
+    return (*files, *filter(None, [tls.client_ca]))
 
 
 def _reason(exc: OSError) -> str:
@@ -151,10 +159,7 @@ def server_context(tls: ListenTLS) -> ssl.SSLContext:
 def listener_certificates(tls: ListenTLS) -> tuple[Certificate, ...]:
     """The default certificate, then listen.tls.certificates in order, each in a context of
     its own with the same settings."""
-    pairs = [("listen.tls", tls.cert, tls.key)]
-    pairs += [(f"listen.tls.certificates[{i}]", p.cert, p.key)
-              for i, p in enumerate(tls.certificates)]  # fmt: skip
-    return tuple(load_pair(server_context(tls), *pair) for pair in pairs)
+    return tuple(load_pair(server_context(tls), *pair) for pair in listener_pairs(tls))
 
 
 def client_subject(transport: Any) -> str | None:
@@ -202,10 +207,7 @@ def check_files(config: Config, *, strict: bool) -> list[Certificate]:
     if config.listen.tls is not None:
         tls = config.listen.tls
         loads.append(functools.partial(_client_ca, tls))
-        pairs = [("listen.tls", tls.cert, tls.key)]
-        pairs += [(f"listen.tls.certificates[{i}]", p.cert, p.key)
-                  for i, p in enumerate(tls.certificates)]  # fmt: skip
-        loads += [functools.partial(_pair, *pair) for pair in pairs]
+        loads += [functools.partial(_pair, *pair) for pair in listener_pairs(tls)]
     for name, upstream in config.upstreams.items():
         if upstream.tls.ca_file is not None or upstream.tls.cert is not None:
             loads.append(functools.partial(_client_certificate, upstream.tls, name))
