@@ -295,6 +295,57 @@ def rate_limit_key(value: Any, path: str) -> str:
     raise fail(path, "must be client_ip, route or header:NAME", value)
 
 
+# RFC 1035 §2.3.1 as relaxed by RFC 2181 §11 for SRV owners ("_http._tcp..."): labels of 1-63
+# letters, digits, "-" and "_", at most 253 characters, an optional final dot.
+_DNS_NAME = re.compile(r"(?=.{1,253}\.?$)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                       r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")  # fmt: skip
+
+
+def dns_name(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not _DNS_NAME.fullmatch(value):
+        raise fail(path, "must be a DNS name like api.default.svc.cluster.local", value)
+    return value.lower()
+
+
+def resolver(value: Any, path: str) -> tuple[tuple[str, int], ...]:
+    """system (getaddrinfo), or a list of name servers as "ip:port" ("[v6]:port")."""
+    if value == "system":
+        return ()
+    required = 'must be system or a list of name servers like ["10.96.0.10:53"]'
+    if not isinstance(value, list) or not value:
+        raise fail(path, required, value)
+    servers = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        host, sep, number = str(item).rpartition(":") if isinstance(item, str) else ("", "", "")
+        try:
+            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+            server_port = int(number)
+        except ValueError:
+            raise fail(
+                where, 'must be a name server as "ip:port", like "10.96.0.10:53"', item
+            ) from None
+        bracketed = host.startswith("[")
+        if not sep or not 1 <= server_port <= 65535 or (address.version == 6) != bracketed:
+            raise fail(where, 'must be a name server as "ip:port", like "10.96.0.10:53"', item)
+        servers.append((str(address), server_port))
+    return tuple(servers)
+
+
+def hash_key(value: Any, path: str) -> str:
+    """What balance: hash hashes: client_ip, path, header:NAME or cookie:NAME."""
+    if value in ("client_ip", "path"):
+        return str(value)
+    if isinstance(value, str) and value.startswith(("header:", "cookie:")):
+        kind, _, name = value.partition(":")
+        if kind == "header":
+            header_field_name(name, path)
+        elif not _TOKEN.fullmatch(name):
+            raise fail(path, "must name a cookie after cookie:", value)
+        return value
+    raise fail(path, "must be client_ip, path, header:NAME or cookie:NAME", value)
+
+
 def request_id_header(value: Any, path: str) -> str:
     """A header name, or "" (off)."""
     return "" if value == "" else header_field_name(value, path)

@@ -20,7 +20,9 @@ from proxy.checks import (
     ConfigError,
     IPNetwork,
     boolean,
+    dns_name,
     fraction,
+    hash_key,
     header_field_name,
     host_name,
     host_pattern,
@@ -49,6 +51,7 @@ from proxy.checks import (
     replacement_pieces,
     request_id_header,
     request_path,
+    resolver,
     section,
     show,
     status_range,
@@ -131,6 +134,9 @@ class Pool:
     limit: int = key(non_negative_int, 100)
     limit_per_host: int = key(non_negative_int, 0)
     keepalive_timeout: float = key(non_negative_seconds, 30.0)
+    max_requests: int = key(non_negative_int, 0)  # a connection closes after this many (0 = no)
+    max_age: float = key(non_negative_seconds, 0.0)  # s, ±10% jitter, closed once idle (0 = no)
+    min_idle: int = key(non_negative_int, 0)  # warm connections kept open per target
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +151,51 @@ class Target:
     weight: int = key(positive_int, 1)
 
 
-def target(value: Any, path: str) -> Target:
-    """A target: "http://host:port", or {url: ..., weight: N}."""
+def location_port(value: Any, path: str) -> int:
+    """A port a Location can name (0, "any free port" to a listener, is none)."""
+    if not _is_int(value) or not 1 <= value <= 65535:
+        raise _fail(path, "must be an integer from 1 to 65535", value)
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsTarget:
+    """Every A and AAAA address of `dns` is a target (address:port), resolved again every
+    discovery.refresh seconds."""
+
+    dns: str = key(dns_name)
+    port: int = key(location_port)
+    scheme: str = key(one_of("http", "https"), "http")
+    weight: int = key(positive_int, 1)  # each address's
+
+
+@dataclass(frozen=True, slots=True)
+class SrvTarget:
+    """Every SRV record of `srv` is a target: its host, port and weight (RFC 2782)."""
+
+    srv: str = key(dns_name)
+    scheme: str = key(one_of("http", "https"), "http")
+
+
+AnyTarget = Target | DnsTarget | SrvTarget
+
+
+def target(value: Any, path: str) -> AnyTarget:
+    """A target: "http://host:port", {url: ..., weight: N}, {dns: ..., port: N} or {srv: ...}."""
     if isinstance(value, dict):
+        if "dns" in value:
+            return parse_section(DnsTarget, value, path)
+        if "srv" in value:
+            return parse_section(SrvTarget, value, path)
         return parse_section(Target, value, path)
     return Target(url=target_url(value, path))
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    refresh: float = key(positive_seconds, 10.0)  # s between two resolutions of a name
+    # () = system (getaddrinfo; dns targets only); else the name servers asked, in order.
+    resolver: tuple[tuple[str, int], ...] = key(resolver, ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +237,14 @@ class Tunnels:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    targets: tuple[Target, ...] = key(list_of(target))
+    targets: tuple[AnyTarget, ...] = key(list_of(target))
     pool: Pool = key(section(Pool), Pool())
     timeouts: Timeouts = key(section(Timeouts), Timeouts())
-    balance: str = key(one_of("round_robin", "least_requests", "random"), "round_robin")
+    balance: str = key(one_of("round_robin", "least_requests", "random", "hash"), "round_robin")
+    # What balance: hash hashes; None = client_ip (checked in parse_config: only with hash).
+    hash_on: str | None = key(optional(hash_key), None)
+    slow_start: float = key(non_negative_seconds, 0.0)  # s a target's weight ramps 10% -> 100%
+    discovery: Discovery = key(section(Discovery), Discovery())
     max_pending: int = key(non_negative_int, 0)
     retries: Retries = key(section(Retries), Retries())
     health_check: HealthCheck | None = key(optional_section(HealthCheck), None)
@@ -236,13 +286,6 @@ class Match:
 class SplitTo:
     upstream: str = key(text)
     weight: int = key(positive_int)
-
-
-def location_port(value: Any, path: str) -> int:
-    """A port a Location can name (0, "any free port" to a listener, is none)."""
-    if not _is_int(value) or not 1 <= value <= 65535:
-        raise _fail(path, "must be an integer from 1 to 65535", value)
-    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +499,23 @@ def _check_together(config: Config) -> None:
                 f"upstreams.{name}.pool.limit_per_host: must be <= pool.limit "
                 f"({pool.limit}) when the limit is set, got {pool.limit_per_host}"
             )
+        for bound, at in ((pool.limit_per_host, "limit_per_host"), (pool.limit, "limit")):
+            if bound and pool.min_idle > bound:
+                raise ConfigError(
+                    f"upstreams.{name}.pool.min_idle: must be <= pool.{at} ({bound}), "
+                    f"got {pool.min_idle}"
+                )
+        if upstream.hash_on is not None and upstream.balance != "hash":
+            raise ConfigError(
+                f"upstreams.{name}.hash_on: needs balance: hash, got balance: {upstream.balance}"
+            )
+        for i, found in enumerate(upstream.targets):
+            if isinstance(found, SrvTarget) and not upstream.discovery.resolver:
+                raise ConfigError(
+                    f"upstreams.{name}.targets[{i}].srv: needs discovery.resolver to list name "
+                    "servers (the system resolver answers no SRV queries), e.g. "
+                    '["10.96.0.10:53"]'
+                )
 
 
 def _check_route(route: Route, i: int, upstreams: Mapping[str, Upstream]) -> None:

@@ -15,7 +15,7 @@ import urllib.parse
 
 from aiohttp import web
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, Target, load_config
 from proxy.server import StartupError, serve
 
 
@@ -56,6 +56,8 @@ def demo_backends(config: Config) -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     for upstream in config.upstreams.values():
         for target in upstream.targets:
+            if not isinstance(target, Target):
+                continue  # dns and srv targets: not the demo's to start
             url = urllib.parse.urlsplit(target.url)
             host, port = url.hostname, url.port
             local = url.scheme == "http" and host in ("127.0.0.1", "localhost")

@@ -36,12 +36,13 @@ from proxy.failures import (
 from proxy.identity import ClientIdentity
 from proxy.listener import ForwardedResponse, plain_response
 from proxy.policy import PLAIN, RoutePolicy
+from proxy.pool import ACQUISITION, Acquisition, PoolFull, take_upgraded
 from proxy.redirect import answer as redirect_answer
 from proxy.retry import retry_reason, within_budget
 from proxy.routing import host_key
 from proxy.snapshot import Snapshot
 from proxy.tls import client_subject
-from proxy.upstream import ACQUISITION, Acquisition, PoolFull, Upstream, take_upgraded
+from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
 

@@ -1,6 +1,6 @@
 """Every private aiohttp name the proxy leans on, in one table, checked once at start-up.
 
-listener.py, deadlines.py and upstream.py override or read these (each says why). A release
+listener.py, deadlines.py and pool.py override or read these (each says why). A release
 that renames one would otherwise fail silently: a pool gauge stuck at zero, aiohttp's hidden
 retry back on, a deadline that never fires, a tunnel that aiohttp closes under the relay.
 Checked against aiohttp 3.14.5 (pyproject pins ~=3.14.0). Knows nothing else.

@@ -29,8 +29,8 @@ from proxy.accept import PAUSE_REASONS, PROXY_PROTOCOL_ERRORS
 from proxy.deadlines import TIMEOUT_PHASES
 from proxy.exchange import Exchange
 from proxy.guard import UNAUTHORIZED_REASONS
+from proxy.pool import DISCARD_REASONS
 from proxy.snapshot import Snapshot
-from proxy.upstream import DISCARD_REASONS
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}

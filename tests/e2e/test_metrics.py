@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
+from proxy.pool import PoolConnector
 from proxy.server import ProxyServer
-from proxy.upstream import PoolConnector
 from tests.support import (
     RawClient,
     admin_get,
@@ -222,7 +222,7 @@ async def test_openmetrics_is_served_when_the_scraper_asks_for_it(backend, proxy
 
 
 async def test_the_aiohttp_internals_the_proxy_relies_on_are_there():
-    """listener.py and upstream.py override or read aiohttp internals: if a release moves one,
+    """listener.py and pool.py override or read aiohttp internals: if a release moves one,
     the proxy refuses to start (a pool gauge stuck at 0 or a lost retry switch would be silent)."""
     from proxy.internals import check_aiohttp
 

@@ -556,7 +556,7 @@ async def test_after_the_101_a_tunnel_holds_no_aiohttp_handler_and_stays_counted
     released at the 101, while the connection still counts in proxy_client_connections (and
     so against listen.limits.max_connections) until it closes."""
     from proxy.deadlines import DeadlineHandler
-    from proxy.upstream import GuardedResponseHandler
+    from proxy.pool import GuardedResponseHandler
 
     async with websocket_backend() as origin:
         server = await proxy(config_dict({"ws": upstream(origin)}))
