@@ -68,6 +68,10 @@ PROXY_VARIANTS = {
     "baseline": (["-m", "proxy"], ""),
     # Two targets balanced by least_requests (TARGETS is replaced by both backend ports).
     "proxy-2lr": (["-m", "proxy"], "TWO-TARGETS"),
+    # The same two by round_robin, and by balance: hash on the client's address (issue 12:
+    # hash costs at most 1.05x round_robin), with max_requests on (its bookkeeping: free).
+    "proxy-2rr": (["-m", "proxy"], "TWO-TARGETS round_robin"),
+    "proxy-hash": (["-m", "proxy"], "TWO-TARGETS hash"),
     # Two worker processes on both cores (not pinned); CPU counts the supervisor and workers.
     "proxy-2w": (["-m", "proxy"], "workers: 2\n"),
     # The benchmarked route with issue 11's per-route policy: a regex and a method match,
@@ -152,12 +156,15 @@ def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extr
     routed = extra == "ROUTED"
     if routed:
         extra = ""
-    if extra == "TWO-TARGETS":
+    if extra.startswith("TWO-TARGETS"):
+        balance = extra.partition(" ")[2] or "least_requests"
         extra = ""
         targets = (
             f"[http://127.0.0.1:{ports.backend}, http://127.0.0.1:{ports.backend2}]\n"
-            "    balance: least_requests"
+            f"    balance: {balance}"
         )
+        if balance == "hash":
+            targets += "\n    hash_on: client_ip"
     return (
         extra
         + f"""

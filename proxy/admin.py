@@ -18,8 +18,9 @@ from proxy.guard import AdminGuard
 from proxy.snapshot import Snapshot
 
 
-def pools_view(snapshot: Snapshot) -> dict[str, Any]:
-    """Every pool as it is now: how a user sizes `limit` and `keepalive_timeout`."""
+def pools_view(snapshot: Snapshot, connections: bool = False) -> dict[str, Any]:
+    """Every pool as it is now: how a user sizes `limit` and `keepalive_timeout`; with
+    `connections`, each upstream connection too (why the pool holds what it holds)."""
     upstreams = {}
     now = time.monotonic()
     for name, upstream in snapshot.upstreams.items():
@@ -30,7 +31,9 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
             "targets": [
                 {
                     "url": stats.url,
+                    "discovered_from": target.discovered_from or None,
                     "weight": target.weight,
+                    "effective_weight": round(upstream.balancer.effective_weight(target, now), 3),
                     "up": target.available(now),
                     "healthy": target.healthy,
                     "ejected_for": round(max(0.0, target.ejected_until - now), 1),
@@ -60,7 +63,15 @@ def pools_view(snapshot: Snapshot) -> dict[str, Any]:
             "pending_rejected": upstream.pending_rejected,
             "tunnels": upstream.tunnels_open,
             "tunnels_limit": upstream.settings.tunnels.limit,
+            "connections_closed": dict(upstream.connector.closes),
         }
+        if upstream.discovery is not None:
+            upstreams[name]["discovery"] = {
+                "refreshes": dict(upstream.discovery.refreshes),
+                "last_error": upstream.discovery.last_error,
+            }
+        if connections:
+            upstreams[name]["connections"] = upstream.connector.connections()
     return {"upstreams": upstreams}
 
 
@@ -111,7 +122,8 @@ def admin_app(
         return web.Response(status=200 if now == "serving" else 503, text=now + "\n")
 
     async def pools(request: web.Request) -> web.Response:
-        return web.json_response(pools_view(current()))
+        listed = request.query.get("connections", "0") not in ("0", "", "false")
+        return web.json_response(pools_view(current(), connections=listed))
 
     app = web.Application(middlewares=[guarded(guard)])
     app.router.add_post("/reload", reload_handler(reload))

@@ -1,19 +1,42 @@
 """Target choice: which target of an upstream gets the next request.
 
-Owns each target's live state (in flight, health, ejection, rest) and the three strategies;
-knows nothing of aiohttp, YAML or routes.
+Owns each target's live state (in flight, health, ejection, rest, time in rotation), the four
+strategies (round_robin, least_requests, random, hash) and slow start; knows nothing of aiohttp,
+YAML or routes. The target set may change while running (discovery): `Balancer.set_targets`.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from multidict import MultiMapping
 from yarl import URL
 
+# Ring points per unit of weight (after dividing the weights by their gcd). 100 keeps each
+# target's share of the ring within about ±10% of its weight's share (the spread of a target's
+# arc shrinks as 1/sqrt(points)) while a ring of 10 targets is only 1,000 points to bisect.
+_POINTS_PER_WEIGHT = 100
 
-@dataclass(eq=False, slots=True)
+# Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2016; Envoy's
+# hash_balance_factor): a target takes at most this many times its weight's share of the
+# requests in flight before its keys spill over to the next target on the ring. 1.25 is the
+# paper's and Envoy's usual setting: it leaves hot keys room to stay put (few keys move) yet
+# caps any target at 125% of its fair load.
+_LOAD_FACTOR = 1.25
+
+_RAMP_START = 0.1  # slow start: a target enters rotation at 10% of its weight...
+
+
+class NoTarget(Exception):
+    """The upstream has no target at all (discovery has found none yet)."""
+
+
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class TargetState:
     """One target as the proxy sees it now. Compared by identity."""
 
@@ -27,7 +50,15 @@ class TargetState:
     ejections: int = 0  # ejections in a row, for the doubling back-off
     ejection_counts: dict[str, int] = field(default_factory=dict)  # by reason, for metrics
     attempt_failures: dict[str, int] = field(default_factory=dict)  # by failure kind
-    smooth_weight: int = 0  # smooth weighted round robin's running weight
+    smooth_weight: float = 0  # smooth weighted round robin's running weight
+    # Slow start: when it last came into rotation (monotonic; -inf = since start-up, no ramp),
+    # and whether it was available when a pick last looked (to see it recover).
+    in_rotation_since: float = -math.inf
+    was_available: bool = True
+    # Set by upstream.py for its own use (TLS, the Host header, discovery, /pools).
+    server_hostname: str | None = None  # SNI and the certificate name to verify (https)
+    authority: str = ""  # host[:port] for routes[].host_header: target
+    discovered_from: str = ""  # "dns:NAME" or "srv:NAME"; "" for a fixed target
     host: str = ""
     port: int | None = None
 
@@ -39,76 +70,233 @@ class TargetState:
         return self.healthy and now >= self.ejected_until and now >= self.rested_until
 
 
+def hash_key(
+    hash_on: str | None, client_ip: str | None, path: str, headers: Mapping[str, str]
+) -> str | None:
+    """What `balance: hash` hashes for a request (config's `hash_on`; None = client_ip), or None
+    when the request lacks it (the balancer then uses least_requests). `path` is the request's
+    path without its query; `headers` a multidict in practice (every Cookie line is read)."""
+    if hash_on is None or hash_on == "client_ip":
+        return client_ip
+    if hash_on == "path":
+        return path
+    kind, _, name = hash_on.partition(":")
+    if kind == "header":
+        return headers.get(name)
+    # cookie:NAME. RFC 6265 §5.4: "name=value" pairs joined by "; "; HTTP/2 may split them over
+    # several Cookie lines (RFC 9113 §8.2.3). The first pair of that name wins (§5.4 step 2
+    # sends the most specific cookie first).
+    lines: Sequence[str]
+    if isinstance(headers, MultiMapping):
+        lines = headers.getall("Cookie", ())
+    else:
+        lines = [line] if (line := headers.get("Cookie")) is not None else []
+    for line in lines:
+        for pair in line.split(";"):
+            cookie, sep, value = pair.strip().partition("=")
+            if sep and cookie == name:
+                return value
+    return None
+
+
+def _hash64(text: str) -> int:
+    # Not hash(): it is salted per process, and with `workers: N` every worker must send a key
+    # to the same target. surrogatepass: a header value may hold undecodable bytes.
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 class Balancer:
     """Picks among the targets that are available now; when none is, among all (panic mode,
     as Envoy does: better to try a target that may have recovered than to fail everything)."""
 
     def __init__(
-        self, targets: Sequence[TargetState], strategy: str, rng: random.Random | None = None
+        self,
+        targets: Sequence[TargetState],
+        strategy: str,
+        rng: random.Random | None = None,
+        *,
+        slow_start: float = 0.0,
     ) -> None:
-        self.targets = tuple(targets)
         self._rng = rng or random.Random()
-        self._choose: Callable[[Sequence[TargetState]], TargetState] = {
+        self._hashing = strategy == "hash"
+        # A hash request without a key (no such header or cookie) is balanced by least_requests.
+        self._choose: Callable[[Sequence[TargetState], Sequence[float]], TargetState] = {
             "round_robin": self._round_robin,
             "least_requests": self._least_requests,
             "random": self._random,
+            "hash": self._least_requests,
         }[strategy]
+        self.slow_start = slow_start  # s; 0 = off
+        self._ramp_until = -math.inf  # no target ramps from then on: the usual, cheap case
         self.panic = False  # the last pick found no available target
+        self._install(targets)  # the start-up set: full weight at once
 
-    def pick(self, now: float, exclude: Sequence[TargetState] = ()) -> TargetState:
+    def set_targets(self, targets: Sequence[TargetState], now: float | None = None) -> None:
+        """Replace the target set (discovery). Targets that stay are the same objects and keep
+        their state; new ones slow-start from `now`, or from the next pick when None."""
+        old = set(self.targets)
+        for target in targets:
+            if self.slow_start and target not in old:
+                if now is None:
+                    target.was_available = False  # the next pick sees it "recover"
+                else:
+                    self._start_ramp(target, now)
+        self._install(targets)
+
+    def _install(self, targets: Sequence[TargetState]) -> None:
+        self.targets = tuple(targets)
+        self._weights = tuple(t.weight for t in self.targets)
+        if self._hashing:
+            self._build_ring()
+
+    def _build_ring(self) -> None:
+        # Each target owns points "url#0", "url#1", ... so a target's points do not depend on
+        # the others: adding or removing one moves only the keys on its own arcs.
+        unit = math.gcd(*self._weights) if self.targets else 1
+        points = sorted(
+            (
+                (_hash64(f"{target.url}#{i}"), target)
+                for target in self.targets
+                for i in range(_POINTS_PER_WEIGHT * target.weight // unit)
+            ),
+            key=lambda point: point[0],
+        )
+        self._ring_hashes = [h for h, _ in points]
+        self._ring_targets = [t for _, t in points]
+
+    def effective_weight(self, target: TargetState, now: float) -> float:
+        """The target's weight now: slow start ramps it from 10% to 100% over slow_start s."""
+        elapsed = now - target.in_rotation_since
+        if not self.slow_start or elapsed >= self.slow_start:
+            return float(target.weight)
+        return target.weight * (_RAMP_START + (1 - _RAMP_START) * max(elapsed, 0) / self.slow_start)
+
+    def pick(
+        self, now: float, exclude: Sequence[TargetState] = (), key: str | None = None
+    ) -> TargetState:
         """The target for the next attempt; `exclude` holds targets this request already tried
-        (a retry goes elsewhere when there is anywhere else to go)."""
+        (a retry goes elsewhere when there is anywhere else to go); `key` is the request's
+        `hash_key` (used by hash only)."""
         targets = self.targets
+        if self.slow_start:
+            self._track(now)
         if len(targets) == 1:  # the common case, kept cheap
             only = targets[0]
             self.panic = not only.available(now)
             return only
+        if not targets:
+            raise NoTarget("no target (discovery has found none yet)")
+        if key is not None and self._hashing:
+            return self._by_hash(_hash64(key), now, exclude)
+        ramping = now < self._ramp_until
         if not exclude:
             for target in targets:
                 if not target.available(now):
                     break
             else:  # all in rotation, nothing to exclude: the common case, no list to build
                 self.panic = False
-                return self._choose(targets)
+                if ramping:
+                    return self._choose(targets, [self.effective_weight(t, now) for t in targets])
+                return self._choose(targets, self._weights)
         candidates = [t for t in targets if t.available(now) and t not in exclude]
         self.panic = not candidates and not any(t.available(now) for t in targets)
         if not candidates:
             candidates = [t for t in targets if t not in exclude] or list(targets)
         if len(candidates) == 1:
             return candidates[0]
-        return self._choose(candidates)
+        if ramping:
+            return self._choose(candidates, [self.effective_weight(t, now) for t in candidates])
+        return self._choose(candidates, [t.weight for t in candidates])
 
-    def _round_robin(self, candidates: Sequence[TargetState]) -> TargetState:
+    def _track(self, now: float) -> None:
+        """Slow start: a target that is available now and was not at the last pick (recovered,
+        or new) starts its ramp now. Runs only when slow start is on."""
+        for target in self.targets:
+            available = target.available(now)
+            if available != target.was_available:
+                target.was_available = available
+                if available:
+                    self._start_ramp(target, now)
+
+    def _start_ramp(self, target: TargetState, now: float) -> None:
+        target.in_rotation_since = now
+        target.was_available = True
+        self._ramp_until = max(self._ramp_until, now + self.slow_start)
+
+    def _by_hash(self, point: int, now: float, exclude: Sequence[TargetState]) -> TargetState:
+        """The first target clockwise from the key's point that is available, not excluded and
+        within its bounded load; usually the very first point's."""
+        weight_available = in_flight = 0
+        for target in self.targets:
+            in_flight += target.in_flight
+            if target.available(now):
+                weight_available += target.weight
+        self.panic = not weight_available  # then every target counts as available
+        # Its in-flight requests plus this one, shared by weight, times the load factor.
+        per_weight = _LOAD_FACTOR * (in_flight + 1) / (weight_available or sum(self._weights))
+        # Slow start keeps the hash deterministic: a ramping target takes the key only if the
+        # key's own fraction (its low 16 bits, independent of its place on the ring) is below
+        # the ramp's, so each key moves to it once, as the ramp passes it, and never flaps.
+        ramping = now < self._ramp_until
+        fraction = (point & 0xFFFF) / 0x10000
+        ring = self._ring_targets
+        start = bisect.bisect(self._ring_hashes, point)
+        for step in range(len(ring)):
+            target = ring[(start + step) % len(ring)]
+            if (
+                (self.panic or target.available(now))
+                and target not in exclude
+                and target.in_flight < math.ceil(per_weight * target.weight)
+                and (not ramping or fraction < self.effective_weight(target, now) / target.weight)
+            ):
+                return target
+        # Every target is excluded, unavailable, over its bound (the ones under it were
+        # excluded) or ramping past this key: the first one not tried yet, as the other
+        # strategies would; else any.
+        for step in range(len(ring)):
+            target = ring[(start + step) % len(ring)]
+            if target not in exclude:
+                return target
+        return ring[start % len(ring)]
+
+    def _round_robin(
+        self, candidates: Sequence[TargetState], weights: Sequence[float]
+    ) -> TargetState:
         # nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, not a a a a a b c.
-        total = 0
+        total: float = 0
         best = candidates[0]
-        for target in candidates:
-            target.smooth_weight += target.weight
-            total += target.weight
+        for target, weight in zip(candidates, weights, strict=True):
+            target.smooth_weight += weight
+            total += weight
             if target.smooth_weight > best.smooth_weight:
                 best = target
         best.smooth_weight -= total
         return best
 
-    def _random(
-        self, candidates: Sequence[TargetState], skip: TargetState | None = None
-    ) -> TargetState:
-        """A target drawn by weight (never `skip`): one random() and a walk, no lists."""
-        total = sum(t.weight for t in candidates) - (skip.weight if skip is not None else 0)
+    def _draw(self, weights: Sequence[float], skip: int = -1) -> int:
+        """The index of a target drawn by weight (never `skip`): one random() and a walk."""
+        total = sum(weights) - (weights[skip] if skip >= 0 else 0)
         left = self._rng.random() * total
-        for target in candidates:
-            if target is skip:
+        for i, weight in enumerate(weights):
+            if i == skip:
                 continue
-            left -= target.weight
+            left -= weight
             if left < 0:
-                return target
-        return next(t for t in reversed(candidates) if t is not skip)
+                return i
+        return len(weights) - 1 if skip != len(weights) - 1 else len(weights) - 2
 
-    def _least_requests(self, candidates: Sequence[TargetState]) -> TargetState:
+    def _random(self, candidates: Sequence[TargetState], weights: Sequence[float]) -> TargetState:
+        return candidates[self._draw(weights)]
+
+    def _least_requests(
+        self, candidates: Sequence[TargetState], weights: Sequence[float]
+    ) -> TargetState:
         # Power of two choices: two targets drawn by weight, the one with fewer requests in
         # flight per unit of weight wins. Near-optimal spread without scanning every target.
-        first = self._random(candidates)
-        second = self._random(candidates, skip=first)
-        if second.in_flight * first.weight < first.in_flight * second.weight:
+        i = self._draw(weights)
+        j = self._draw(weights, skip=i)
+        first, second = candidates[i], candidates[j]
+        if second.in_flight * weights[i] < first.in_flight * weights[j]:
             return second
         return first

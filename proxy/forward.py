@@ -20,7 +20,7 @@ from yarl import URL
 
 from proxy import headers as hdrs
 from proxy import intake, ratelimit, respond, tracing, tunnel
-from proxy.balancing import TargetState
+from proxy.balancing import NoTarget, TargetState, hash_key
 from proxy.checks import IPNetwork
 from proxy.deadlines import peer_of
 from proxy.exchange import Exchange
@@ -213,8 +213,18 @@ class Forwarder:
         attempts = policy.attempts or upstream.settings.retries.attempts  # the route's first
         tried: list[TargetState] = []
         fresh_only = False
+        key = None
+        if upstream.hash_on is not None:  # balance: hash
+            key = hash_key(
+                upstream.hash_on, exchange.client, path.partition("?")[0], request.headers
+            )
         while True:
-            target = upstream.pick(tried)
+            try:
+                target = upstream.pick(tried, key)
+            except NoTarget:  # discovery has found none (yet): nothing to try, nothing failed
+                return respond.answer(
+                    exchange, 503, "no target discovered for this upstream yet", busy=True
+                )
             tried.append(target)
             retry = len(tried) > 1
             upstream.retries_in_flight += retry
@@ -264,8 +274,8 @@ class Forwarder:
         """One try on one target: the response, or a failure from before any response header
         (which _forward may retry)."""
         exchange.upstream_target = target.url
-        if policy.target_hosts is not None:  # host_header: target, this attempt's
-            out_headers["Host"] = policy.target_hosts[target.url]
+        if policy.target_host:  # host_header: target, this attempt's
+            out_headers["Host"] = target.authority
         # `encoded=True`: the target goes out byte for byte, never re-quoted or normalised.
         url = URL(target.url + path, encoded=True)
         # Only an upgrade _handle forwards carries Upgrade here (headers.py drops the client's).
@@ -284,7 +294,7 @@ class Forwarder:
                 headers=out_headers,
                 data=body,
                 allow_redirects=False,
-                server_hostname=upstream.server_hostname,
+                server_hostname=target.server_hostname,
                 # routes[].timeouts.read, or the session's own (a request's replaces it whole).
                 timeout=policy.client_timeouts.get(upstream.name) or session.timeout,
             ) as upstream_response:

@@ -12,6 +12,7 @@ import contextlib
 import email.utils
 import logging
 import time
+import weakref
 from typing import Any
 
 import aiohttp
@@ -96,14 +97,14 @@ class HealthChecker:
         settings: config.HealthCheck,
         *,
         ssl: Any = True,
-        server_hostname: str | None = None,
     ) -> None:
         self.upstream = upstream
         self._ssl = ssl  # the upstream's TLS context: checks verify certificates as requests do
-        self._server_hostname = server_hostname
-        self.targets = targets
+        self.targets = targets  # upstream.py replaces it when discovery finds another set
         self.settings = settings
-        self._streak = {id(t): 0 for t in targets}  # > 0: successes in a row; < 0: failures
+        # By target: > 0 successes in a row, < 0 failures. Weak: a target discovery dropped
+        # goes with its streak.
+        self._streak: weakref.WeakKeyDictionary[TargetState, int] = weakref.WeakKeyDictionary()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -138,7 +139,7 @@ class HealthChecker:
             async with self._session.get(
                 target.url + self.settings.path,
                 allow_redirects=False,
-                server_hostname=self._server_hostname,
+                server_hostname=target.server_hostname,
             ) as response:
                 passed = low <= response.status <= high
                 detail = f"status {response.status}"
@@ -147,9 +148,9 @@ class HealthChecker:
         self._count(target, passed, detail)
 
     def _count(self, target: TargetState, passed: bool, detail: str) -> None:
-        streak = self._streak[id(target)]
+        streak = self._streak.get(target, 0)
         streak = max(streak, 0) + 1 if passed else min(streak, 0) - 1
-        self._streak[id(target)] = streak
+        self._streak[target] = streak
         settings = self.settings
         if target.healthy and -streak >= settings.unhealthy_threshold:
             target.healthy = False

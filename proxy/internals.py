@@ -20,8 +20,9 @@ from aiohttp.web_protocol import RequestHandler
 # attributes set in __init__ are looked up on an instance made for the check.
 _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
     ("BaseConnector", BaseConnector,
-     ("_wait_for_available_connection", "_get", "_release", "_release_acquired")),
+     ("_wait_for_available_connection", "_get", "_release", "_release_acquired", "_cleanup")),
     ("TCPConnector", aiohttp.TCPConnector, ("_create_connection",)),
+    ("ClientRequest", aiohttp.ClientRequest, ("connection_key",)),
     ("RequestHandler", RequestHandler,
      ("handle_error", "finish_response", "data_received", "pause_writing", "resume_writing",
       "_current_request", "_request_in_progress", "_waiter", "_request_count", "_messages",
@@ -32,9 +33,9 @@ _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
     ("BaseSite", web.BaseSite, ("_server", "_runner", "_backlog", "_ssl_context")),
 )  # fmt: skip
 _INSTANCE_NAMES = {
-    "TCPConnector": ("_factory", "_acquired", "_conns"),
+    "TCPConnector": ("_factory", "_acquired", "_acquired_per_host", "_conns", "_loop"),
     "ClientSession": ("_retry_connection",),
-    "ResponseHandler": ("_buffer", "_tail"),
+    "ResponseHandler": ("_buffer", "_tail", "_should_close"),
     "Connection": ("_protocol", "_key", "_connector"),
     "web.Server": ("_kwargs", "_loop"),
 }

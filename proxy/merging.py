@@ -17,6 +17,7 @@ GAUGE_AGGREGATION = {
     "proxy_upstream_pool_limit_per_host": max,
     "proxy_upstream_target_up": min,  # up only while every worker's checks say so
     "proxy_upstream_panic": max,
+    "proxy_upstream_targets": max,  # each worker discovers on its own: the most any one has
     "proxy_build_info": max,
     "proxy_config_hash": max,
     "proxy_config_last_reload_success_timestamp_seconds": min,  # the oldest config in force

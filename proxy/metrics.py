@@ -29,12 +29,13 @@ from proxy.accept import PAUSE_REASONS, PROXY_PROTOCOL_ERRORS
 from proxy.deadlines import TIMEOUT_PHASES
 from proxy.exchange import Exchange
 from proxy.guard import UNAUTHORIZED_REASONS
-from proxy.pool import DISCARD_REASONS
+from proxy.pool import CLOSE_REASONS, DISCARD_REASONS
 from proxy.snapshot import Snapshot
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
+DISCOVERY_RESULTS = ("ok", "failed")
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol", "client_abort")
 ATTEMPT_FAILURE_KINDS = ("connect", "timeout", "reset", "protocol")
 TUNNEL_RESULTS = ("upgraded", "refused", "rejected", "failed")
@@ -411,6 +412,22 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
         "Bytes relayed through tunnels, by direction (upstream: from clients).",
         labels=("upstream", "direction"),
     )
+    closed = CounterMetricFamily(
+        "proxy_upstream_connections_closed",
+        "Upstream connections closed, by reason (pool.py: idle_timeout, keepalive_hint, "
+        "max_requests, max_age, remote, stale, error, reload, shutdown).",
+        labels=("upstream", "reason"),
+    )
+    refreshes = CounterMetricFamily(
+        "proxy_upstream_discovery_refreshes",
+        "Resolutions of a dns or srv target, by result (a failed one keeps the last good set).",
+        labels=("upstream", "result"),
+    )
+    known_targets = GaugeMetricFamily(
+        "proxy_upstream_targets",
+        "Targets the upstream has now: fixed ones and those discovered.",
+        labels=("upstream",),
+    )
     panic = GaugeMetricFamily(
         "proxy_upstream_panic",
         "1 while no target is in rotation and every target is tried (panic mode).",
@@ -433,6 +450,12 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
                 attempt_failures.add_metric([name, target.url, kind], count)
         for reason in DISCARD_REASONS:
             discarded.add_metric([name, reason], upstream.connector.discarded[reason])
+        for reason in CLOSE_REASONS:
+            closed.add_metric([name, reason], upstream.connector.closes[reason])
+        if upstream.discovery is not None:
+            for result in DISCOVERY_RESULTS:
+                refreshes.add_metric([name, result], upstream.discovery.refreshes[result])
+        known_targets.add_metric([name], len(upstream.targets))
         tunnels_open.add_metric([name], upstream.tunnels_open)
         for direction in TUNNEL_DIRECTIONS:
             tunnel_bytes.add_metric([name, direction], upstream.tunnel_bytes[direction])
@@ -450,3 +473,4 @@ def _pool_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield from (in_flight, connections, created, waiting, limit, limit_per_host)
     yield from (retries, target_up, ejections, rejected, stale, panic)
     yield from (discarded, attempt_failures, tunnels_open, tunnel_bytes)
+    yield from (closed, refreshes, known_targets)

@@ -59,7 +59,7 @@ class RoutePolicy:
     request_headers: HeaderEdits | None = None
     response_headers: HeaderEdits | None = None  # the proxy's own answers too
     host: str | None = None  # a literal Host (host_header: <value>)
-    target_hosts: Mapping[str, str] | None = None  # host_header: target; by target URL
+    target_host: bool = False  # host_header: target (each target's `authority`)
     # timeouts.read: the ClientTimeout per upstream (its connect, the route's read).
     client_timeouts: Mapping[str, aiohttp.ClientTimeout] = field(default_factory=dict)
     total: float = 0.0  # timeouts.total, seconds; 0 = no bound
@@ -73,9 +73,6 @@ def route_policy(route: config.Route, upstreams: Mapping[str, config.Upstream]) 
     """The route's policy; PLAIN for a route that sets none of these keys."""
     names = [name for name in route.upstreams if name in upstreams]
     host = route.host_header
-    target_hosts = None
-    if host == "target":
-        target_hosts = {t.url: target_host(t.url) for n in names for t in upstreams[n].targets}
     timeouts = route.timeouts or config.RouteTimeouts()
     client_timeouts = {}
     if timeouts.read is not None:
@@ -90,7 +87,7 @@ def route_policy(route: config.Route, upstreams: Mapping[str, config.Upstream]) 
         request_headers=header_edits(route.headers.request),
         response_headers=header_edits(route.headers.response),
         host=None if host in ("pass", "target") else host,
-        target_hosts=target_hosts,
+        target_host=host == "target",
         client_timeouts=client_timeouts,
         total=timeouts.total,
         attempts=route.retries.attempts if route.retries is not None else None,

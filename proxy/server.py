@@ -65,8 +65,12 @@ async def build_snapshot(
             else:
                 upstreams[name] = Upstream(name, settings)
                 built.append(upstreams[name])
+                if current is not None:  # closes counted as one total across reloads
+                    upstreams[name].connector.closes = current.connector.closes
+        # dns/srv targets resolved before the snapshot serves (or a reload swaps it in).
+        await asyncio.gather(*(upstream.discover() for upstream in built))
     except BaseException:
-        await asyncio.gather(*(upstream.aclose() for upstream in built))
+        await asyncio.gather(*(upstream.aclose("reload") for upstream in built))
         raise
     return Snapshot(
         routes=RoutingTable(config.routes, rng), upstreams=upstreams,
@@ -334,7 +338,7 @@ class ProxyServer:
         """Close a replaced upstream once its requests in flight (tunnels included) are done,
         or time is up."""
         await _drained([upstream], self._shutdown_grace)
-        await upstream.aclose()
+        await upstream.aclose("reload")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests and tunnels finish (bounded), then close

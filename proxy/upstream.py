@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from yarl import URL
 
 from proxy import config
 from proxy.balancing import Balancer, TargetState
+from proxy.discovery import Discovery, Found
 from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
+from proxy.policy import target_host
 from proxy.pool import Acquisition, PoolConnector
 from proxy.tls import Certificate, client_context, expired, tls_files_stamp
 
@@ -37,6 +40,7 @@ _KEEP_ALIVE_TIMEOUT = re.compile(r"(?i)\btimeout\s*=\s*(\d+(?:\.\d+)?)")
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 _TUNNELS_CLOSE = 5.0  # s aclose() waits for aborted tunnels to report closed (one loop turn)
+_FIRST_DISCOVERY = 5.0  # s the first resolution of dns/srv targets may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +74,28 @@ def _proxy_session(connector: PoolConnector, timeouts: config.Timeouts) -> aioht
 
 
 class Upstream:
-    """A named pool of targets. Build inside the running event loop; `start()` begins its
-    health checks; close with `aclose()`."""
+    """A named pool of targets. Build inside the running event loop; `await discover()` finds
+    its dns/srv targets once; `start()` begins health checks, discovery and warming; close
+    with `aclose()`."""
 
     def __init__(self, name: str, settings: config.Upstream) -> None:
         self.name = name
         self.settings = settings
-        self.targets = tuple(TargetState(t.url, t.weight) for t in settings.targets)
-        self.balancer = Balancer(self.targets, settings.balance)
+        tls_name = settings.tls.server_name
+        self.fixed = tuple(
+            TargetState(t.url, t.weight, server_hostname=tls_name, authority=target_host(t.url))
+            for t in settings.targets
+            if isinstance(t, config.Target)
+        )
+        self.targets = self.fixed  # fixed ones first, then the discovered, as found
+        self.balancer = Balancer(self.targets, settings.balance, slow_start=settings.slow_start)
+        # balance: hash: what it hashes (client_ip unless hash_on says); None for the others.
+        self.hash_on = (settings.hash_on or "client_ip") if settings.balance == "hash" else None
+        specs = [t for t in settings.targets if not isinstance(t, config.Target)]
+        self.discovery = (
+            Discovery(name, specs, settings.discovery, self._discovered) if specs else None
+        )
+        self._discovered_once = False
         self.outlier = Outlier(name, settings.outlier)
         self.health: HealthChecker | None = None  # made in start(), with the TLS context
         self.in_flight = 0  # requests being forwarded now (kept by forward.py)
@@ -89,9 +107,13 @@ class Upstream:
         self.panicking = False
         self.drained: asyncio.Event | None = None  # set when a retiring upstream is idle
         pool = settings.pool
-        https = any(t.url.startswith("https://") for t in self.targets)
+        https = any(
+            (t.url if isinstance(t, config.Target) else t.scheme + ":").startswith("https:")
+            for t in settings.targets
+        )
         # Verify https targets (system CAs, or tls.ca_file); SNI and the expected certificate
-        # name are the target's host unless tls.server_name says otherwise.
+        # name are the target's host (a discovered one's: the name it was found by) unless
+        # tls.server_name says otherwise.
         self.ssl: Any = True
         self.client_certificate: Certificate | None = None  # tls.cert, presented to https targets
         self.client_files = tls_files_stamp(settings.tls)  # server.py rebuilds it when they change
@@ -100,7 +122,6 @@ class Upstream:
             self.ssl, self.client_certificate = client_context(settings.tls, tls_path)
             for line in expired(filter(None, [self.client_certificate])):
                 log.warning("%s; presenting it anyway (--check fails on it)", line)
-        self.server_hostname = settings.tls.server_name
         self.connector = PoolConnector(
             name=name,
             ssl=self.ssl,
@@ -112,6 +133,8 @@ class Upstream:
             force_close=pool.keepalive_timeout == 0,
             # Needed only where Python's SSL transport can leak aborted sockets (< 3.12.8).
             enable_cleanup_closed=https and sys.version_info < (3, 12, 8),
+            max_requests=pool.max_requests,
+            max_age=pool.max_age,
         )
         self.session = _proxy_session(self.connector, settings.timeouts)
         # Upgraded connections (tunnel.py) have a session of their own: a tunnel holds its
@@ -127,17 +150,75 @@ class Upstream:
         self.tunnels: dict[Tunnel, TargetState] = {}  # relaying now, counted in in_flight
         self._tunnels_gone: asyncio.Event | None = None  # set by aclose()
 
+    async def discover(self) -> None:
+        """Resolve the dns/srv targets once, before the upstream takes requests (at start-up,
+        and before a reload swaps it in). A name that does not resolve leaves the upstream
+        without its targets until one refresh does: requests get 503 meanwhile."""
+        if self.discovery is not None:
+            await self.discovery.first(_FIRST_DISCOVERY)
+
     def start(self) -> None:
         if self.settings.health_check is not None:
             self.health = HealthChecker(
-                self.name, self.targets, self.settings.health_check,
-                ssl=self.ssl, server_hostname=self.server_hostname,
-            )  # fmt: skip
+                self.name, self.targets, self.settings.health_check, ssl=self.ssl
+            )
             self.health.start()
+        if self.discovery is not None:
+            self.discovery.start()
+        pool = self.settings.pool
+        if pool.min_idle or pool.max_age:  # one task: opens warm ones, retires old idle ones
+            self.connector.start_warming(
+                self._warm_targets, pool.min_idle, connect_timeout=self.settings.timeouts.connect
+            )
 
-    def pick(self, exclude: Sequence[TargetState] = ()) -> TargetState:
-        """The target for the next attempt, by the upstream's `balance`."""
-        target = self.balancer.pick(time.monotonic(), exclude)
+    def _warm_targets(self) -> list[tuple[str, str | None]]:
+        """The targets min_idle keeps connections open to: those in rotation now."""
+        now = time.monotonic()
+        return [(t.url, t.server_hostname) for t in self.targets if t.available(now)]
+
+    def _discovered(self, found: tuple[Found, ...]) -> None:
+        """Discovery's answer changed: add what is new (in rotation, health checks and
+        slow_start permitting), keep what stays (its state and connections), and drain what
+        left: no new requests, its requests in flight finish, its connections then close."""
+        known = {t.url: t for t in self.targets if t.discovered_from}
+        taken = {t.url for t in self.fixed}  # a fixed target serves its address itself
+        discovered = []
+        for item in found:
+            if item.url in taken:
+                continue  # found twice (two names, one address): the first one stands
+            taken.add(item.url)
+            target = known.pop(item.url, None)
+            if target is None:
+                target = TargetState(
+                    item.url, item.weight, discovered_from=item.discovered_from,
+                    server_hostname=(self.settings.tls.server_name or item.server_name)
+                    if item.url.startswith("https:") else None,
+                    authority=_authority(item),
+                )  # fmt: skip
+            target.weight = item.weight
+            discovered.append(target)
+        self.targets = self.fixed + tuple(discovered)
+        if self._discovered_once:
+            self.balancer.set_targets(self.targets, time.monotonic())  # new ones ramp up
+        else:  # the first answer: the upstream's targets from the start, none ramping
+            self.balancer = Balancer(
+                self.targets, self.settings.balance, slow_start=self.settings.slow_start
+            )
+            self._discovered_once = True
+        if self.health is not None:
+            self.health.targets = self.targets
+        for gone in known.values():
+            self.connector.close_target(gone.host, gone.port)
+        if known or discovered:
+            log.info(
+                "upstream %s: %d targets (%d discovered)%s", self.name, len(self.targets),
+                len(discovered), f"; draining {', '.join(known)}" if known else "",
+            )  # fmt: skip
+
+    def pick(self, exclude: Sequence[TargetState] = (), key: str | None = None) -> TargetState:
+        """The target for the next attempt, by the upstream's `balance` (`key`: what
+        balance: hash hashes). Raises NoTarget while discovery has found none."""
+        target = self.balancer.pick(time.monotonic(), exclude, key)
         if self.balancer.panic != self.panicking:
             self.panicking = self.balancer.panic
             if self.panicking:
@@ -202,14 +283,27 @@ class Upstream:
         if not self.tunnels and self._tunnels_gone is not None:
             self._tunnels_gone.set()
 
-    async def aclose(self) -> None:
-        """Stop health checks; close the sessions, every pooled connection and every tunnel."""
+    async def aclose(self, reason: str = "shutdown") -> None:
+        """Stop health checks, discovery and warming; close the sessions, every pooled
+        connection (counted under `reason`: reload or shutdown) and every tunnel."""
         if self.health is not None:
             await self.health.aclose()
+        if self.discovery is not None:
+            await self.discovery.aclose()
+        await self.connector.stop_warming()
         if self.tunnels:
             self._tunnels_gone = asyncio.Event()
             for tunnel in list(self.tunnels):
                 tunnel.close(abort=True)
             with contextlib.suppress(TimeoutError):  # each one writes its access log line
                 await asyncio.wait_for(self._tunnels_gone.wait(), _TUNNELS_CLOSE)
+        await self.connector.close_all(reason)
         await asyncio.gather(self.session.close(), self.tunnel_session.close())
+
+
+def _authority(found: Found) -> str:
+    """host_header: target for a discovered target: the name it was found by and its port
+    (as a virtual host expects it), the port left out when it is the scheme's default."""
+    port = URL(found.url).port
+    default = 443 if found.url.startswith("https:") else 80
+    return found.server_name if port == default else f"{found.server_name}:{port}"

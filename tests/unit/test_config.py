@@ -59,7 +59,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "upstreams.api.pool.limt",
             5,
             "upstreams.api.pool: unknown key 'limt' "
-            "(known: limit, limit_per_host, keepalive_timeout)",
+            "(known: limit, limit_per_host, keepalive_timeout, max_requests, max_age, min_idle)",
         ),
         (
             "upstreams.api.pool.keepalive_timeout",
@@ -165,7 +165,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
         (
             "upstreams.api.balance",
             "fastest",
-            "upstreams.api.balance: must be one of round_robin, least_requests, random, "
+            "upstreams.api.balance: must be one of round_robin, least_requests, random, hash, "
             "got 'fastest'",
         ),
         (
@@ -770,3 +770,72 @@ def test_review_findings_are_refused_at_load(path, value, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(data)
     assert str(caught.value) == message
+
+
+# --- issue 12: discovered targets, hashing, slow start, connection lifetime ---
+
+_RESOLVER = "upstreams.api.discovery.resolver"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("upstreams.api.targets", [{"dns": "bad name", "port": 80}],
+         "upstreams.api.targets[0].dns: must be a DNS name"),
+        ("upstreams.api.targets", [{"dns": "api.internal"}],
+         "upstreams.api.targets[0]: missing required key 'port'"),
+        ("upstreams.api.targets", [{"dns": "api.internal", "port": 0}],
+         "upstreams.api.targets[0].port: must be an integer from 1 to 65535"),
+        ("upstreams.api.targets", [{"dns": "api.internal", "port": 80, "scheme": "ftp"}],
+         "upstreams.api.targets[0].scheme: must be one of"),
+        ("upstreams.api.targets", [{"srv": "_http._tcp.api.internal", "port": 80}],
+         "upstreams.api.targets[0]: unknown key 'port' (known: srv, scheme)"),
+        ("upstreams.api.targets", [{"srv": "_http._tcp.api.internal"}],
+         "upstreams.api.targets[0].srv: needs discovery.resolver to list name servers"),
+        (_RESOLVER, "cluster", f"{_RESOLVER}: must be system"),
+        (_RESOLVER, ["10.0.0.1"], f"{_RESOLVER}[0]: must be a name server"),
+        (_RESOLVER, ["dns.local:53"], f"{_RESOLVER}[0]: must be a name server"),
+        (_RESOLVER, ["::1:53"], f"{_RESOLVER}[0]: must be a name server"),
+        ("upstreams.api.discovery.refresh", 0, "upstreams.api.discovery.refresh: must be"),
+        ("upstreams.api.hash_on", "client_ip",
+         "upstreams.api.hash_on: needs balance: hash, got balance: round_robin"),
+        ("upstreams.api.balance", "sticky", "upstreams.api.balance: must be one of"),
+        ("upstreams.api.pool.min_idle", 200,
+         "upstreams.api.pool.min_idle: must be <= pool.limit (100)"),
+        ("upstreams.api.pool.max_age", -1, "upstreams.api.pool.max_age: must be"),
+        ("upstreams.api.slow_start", "soon", "upstreams.api.slow_start: must be"),
+    ],
+)  # fmt: skip
+def test_discovery_and_lifetime_mistakes_name_their_key_path(path, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_change(path, value))
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_hash_on_keys_and_discovered_targets_parse():
+    data = with_change(
+        "upstreams.api.targets",
+        ["http://10.0.0.5:8080",
+         {"dns": "API.Internal", "port": 8443, "scheme": "https", "weight": 2},
+         {"srv": "_http._tcp.api.internal"}],
+    )  # fmt: skip
+    api = data["upstreams"]["api"]
+    api.update(balance="hash", hash_on="cookie:session", slow_start=30,
+               discovery={"refresh": 5, "resolver": ["10.96.0.10:53", "[fd00::10]:5353"]},
+               pool={"max_requests": 1000, "max_age": 3600, "min_idle": 2})  # fmt: skip
+    upstream = parse_config(data).upstreams["api"]
+    assert [type(t).__name__ for t in upstream.targets] == ["Target", "DnsTarget", "SrvTarget"]
+    dns = upstream.targets[1]
+    assert (dns.dns, dns.port, dns.scheme, dns.weight) == ("api.internal", 8443, "https", 2)  # type: ignore[union-attr]
+    assert upstream.discovery.resolver == (("10.96.0.10", 53), ("fd00::10", 5353))
+    assert (upstream.hash_on, upstream.slow_start) == ("cookie:session", 30)
+    pool = upstream.pool
+    assert (pool.max_requests, pool.max_age, pool.min_idle) == (1000, 3600, 2)
+    for bad in ("cookie:", "header:bad name", "query:x"):
+        api["hash_on"] = bad
+        with pytest.raises(ConfigError, match=r"^upstreams\.api\.hash_on: must"):
+            parse_config(data)
+    defaults = parse_config(BASE).upstreams["api"]
+    assert (defaults.hash_on, defaults.slow_start, defaults.discovery.refresh) == (None, 0, 10)
+    assert defaults.discovery.resolver == ()
+    assert (defaults.pool.max_requests, defaults.pool.max_age, defaults.pool.min_idle) == (0, 0, 0)
