@@ -155,7 +155,9 @@ async def test_pool_gauges_show_active_waiting_and_idle_connections_live(backend
     pools = json.loads((await admin_get(server, "/pools"))[2])["upstreams"]["app"]
     target = {
         "url": origin.url,
+        "discovered_from": None,
         "weight": 1,
+        "effective_weight": 1.0,
         "up": True,
         "healthy": True,
         "ejected_for": 0.0,
