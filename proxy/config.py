@@ -505,6 +505,11 @@ def _check_together(config: Config) -> None:
                     f"upstreams.{name}.pool.min_idle: must be <= pool.{at} ({bound}), "
                     f"got {pool.min_idle}"
                 )
+        if pool.min_idle and pool.keepalive_timeout == 0:
+            raise ConfigError(
+                f"upstreams.{name}.pool.min_idle: needs pool.keepalive_timeout above 0 "
+                "(with 0 no connection is kept idle)"
+            )
         if upstream.hash_on is not None and upstream.balance != "hash":
             raise ConfigError(
                 f"upstreams.{name}.hash_on: needs balance: hash, got balance: {upstream.balance}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -215,6 +216,21 @@ class Discovery:
         self._good: dict[int, list[Found]] = {}  # spec index -> its last good set
         self._failing: dict[int, float] = {}  # spec index -> when its failure was last logged
         self._task: asyncio.Task[None] | None = None
+
+    def seed(self, previous: Discovery) -> None:
+        """A reload rebuilt the upstream: start from what the one it replaces found, name by
+        name, so a DNS outage during the reload keeps the targets (first() then finds nothing
+        new); and keep counting refreshes in the same totals."""
+        self.refreshes = previous.refreshes
+        for index, spec in enumerate(self.specs):
+            for old, good in ((previous.specs[i], g) for i, g in previous._good.items()):
+                if isinstance(spec, DnsTarget) and isinstance(old, DnsTarget):
+                    if dataclasses.replace(old, weight=spec.weight) == spec:  # weight: the new
+                        self._good[index] = [
+                            dataclasses.replace(f, weight=spec.weight) for f in good
+                        ]
+                elif old == spec:
+                    self._good[index] = list(good)
 
     async def first(self, timeout: float) -> None:  # noqa: ASYNC109 - each resolution's bound
         """Resolve every spec once and tell on_change, even when nothing was found."""

@@ -13,6 +13,7 @@ import email.utils
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -107,6 +108,7 @@ class HealthChecker:
         self._streak: weakref.WeakKeyDictionary[TargetState, int] = weakref.WeakKeyDictionary()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._first_checks: set[asyncio.Task[None]] = set()  # of targets that just joined
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -119,7 +121,21 @@ class HealthChecker:
         )
         self._task = asyncio.create_task(self._run(), name=f"health-check {self.upstream}")
 
+    def joined(self, targets: Iterable[TargetState]) -> None:
+        """Targets discovery added while serving: out of rotation until one check passes (as
+        Envoy holds new hosts for their first check), and checked now, not at the next round."""
+        for target in targets:
+            target.healthy = False
+            self._streak[target] = self.settings.healthy_threshold - 1  # one pass brings it in
+            if self._session is not None:
+                check = asyncio.create_task(self._check(target), name=f"health-check {target.url}")
+                self._first_checks.add(check)
+                check.add_done_callback(self._first_checks.discard)
+
     async def aclose(self) -> None:
+        for check in list(self._first_checks):
+            check.cancel()
+        await asyncio.gather(*self._first_checks, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

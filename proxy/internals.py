@@ -33,7 +33,14 @@ _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
     ("BaseSite", web.BaseSite, ("_server", "_runner", "_backlog", "_ssl_context")),
 )  # fmt: skip
 _INSTANCE_NAMES = {
-    "TCPConnector": ("_factory", "_acquired", "_acquired_per_host", "_conns", "_loop"),
+    "TCPConnector": (
+        "_factory",
+        "_acquired",
+        "_acquired_per_host",
+        "_conns",
+        "_loop",
+        "_keepalive_timeout",
+    ),
     "ClientSession": ("_retry_connection",),
     "ResponseHandler": ("_buffer", "_tail", "_should_close"),
     "Connection": ("_protocol", "_key", "_connector"),

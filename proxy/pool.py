@@ -58,7 +58,9 @@ class Acquisition:
         self.fresh_only = fresh_only  # never an idle pooled connection (a retry after a stale one)
         self.waited = 0.0  # seconds spent waiting for a pool slot
         self.queued = False  # still waiting for a slot when the attempt ended
-        self.reused: bool | None = None  # whether the connection had served a request before
+        # Whether the connection had sat idle in the pool before (served a request, or was
+        # opened warm by min_idle); False for one opened for this very attempt.
+        self.reused: bool | None = None
         self.protocol: ResponseHandler | None = None
 
 
@@ -92,6 +94,9 @@ class GuardedResponseHandler(ResponseHandler):
         self.retire_at = _NEVER  # monotonic: the upstream's announced idle timeout runs out
         self.served = 0  # requests handed this connection (the one in progress included)
         self.idle_since: float | None = None  # monotonic, while in the pool with no request out
+        # It has sat idle in the pool at least once (after a response, or opened warm): its
+        # next request may race the upstream closing it (the stale keep-alive race).
+        self.pooled = False
         self.answered = False  # a byte of the current request's response has come
         self.close_reason: str | None = None  # one of CLOSE_REASONS, once decided
         self._on_stray = on_stray
@@ -167,9 +172,9 @@ class PoolConnector(aiohttp.TCPConnector):
 
     Overrides three private coroutines (`_wait_for_available_connection`, `_get`,
     `_create_connection`), the private `_release` and `_factory`, and the public `connect` and
-    `close`, and reads and prunes three private attributes (`_acquired`, `_acquired_per_host`,
-    `_conns`) of aiohttp's BaseConnector, checked against aiohttp 3.14.5 (pinned ~=3.14.0);
-    `check_aiohttp()` fails at start-up if they move.
+    `close`, reads and prunes three private attributes (`_acquired`, `_acquired_per_host`,
+    `_conns`) and reads `_keepalive_timeout` of aiohttp's BaseConnector, checked against
+    aiohttp 3.14.5 (pinned ~=3.14.0); `check_aiohttp()` fails at start-up if they move.
     """
 
     def __init__(
@@ -198,6 +203,10 @@ class PoolConnector(aiohttp.TCPConnector):
         self._stray_logged = -_STRAY_LOG_EVERY
         self._warm_logged: dict[str, float] = {}
         self._warming: asyncio.Task[None] | None = None
+        # Targets that left the upstream (close_target) and did not come back (target_back):
+        # a connection opened to one after it left (a request that had picked it and waited
+        # for a slot, or warming) is closed at its release, never pooled.
+        self._gone: set[tuple[str, int | None]] = set()
         self._factory = functools.partial(  # type: ignore[assignment]
             GuardedResponseHandler, loop=self._loop, on_stray=self._discard_stray,
             on_lost=self._count_close,
@@ -255,6 +264,8 @@ class PoolConnector(aiohttp.TCPConnector):
         reason = protocol.close_reason
         if reason is not None:
             should_close = True  # decided while it was active: close_target()
+        elif self._gone and protocol.target in self._gone:
+            reason, should_close = "reload", True  # opened to a target as it left
         elif _holds_stray_bytes(protocol) and protocol.is_connected():
             self._discard_stray(protocol)
             reason, should_close = "error", True
@@ -272,11 +283,12 @@ class PoolConnector(aiohttp.TCPConnector):
         super()._release(key, protocol, should_close=should_close)
         if reason is None and protocol.is_connected():
             protocol.idle_since = now
+            protocol.pooled = True
 
     def _failure_reason(self, protocol: GuardedResponseHandler, exc: BaseException | None) -> str:
         """Why an active connection we did not decide to close ended."""
-        if protocol.served > 1 and not protocol.answered and not protocol.is_connected():
-            return "stale"  # reused, and dead before any byte of the response
+        if protocol.pooled and not protocol.answered and not protocol.is_connected():
+            return "stale"  # taken idle from the pool, and dead before any byte of the response
         if protocol.answered and exc is None and _said_close(protocol):
             return "remote"  # the upstream said close, and closed before aiohttp released it
         return "error"
@@ -331,14 +343,14 @@ class PoolConnector(aiohttp.TCPConnector):
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
         connection = await super().connect(req, traces, timeout)
         protocol = connection.protocol
-        fresh = True
+        reused = False
         if isinstance(protocol, GuardedResponseHandler):
-            fresh = protocol.served == 0  # a warm one (min_idle) is fresh for its first request
+            reused = protocol.pooled  # a warm one (min_idle) too: it sat idle like any other
             protocol.served += 1
             protocol.answered = False
         acquisition = ACQUISITION.get(None)
         if acquisition is not None:
-            acquisition.reused = not fresh
+            acquisition.reused = reused
             acquisition.protocol = protocol
         return connection
 
@@ -387,12 +399,19 @@ class PoolConnector(aiohttp.TCPConnector):
 
     def close_target(self, host: str, port: int | None) -> None:
         """`host:port` left the upstream: close its idle connections now, and its active ones
-        after their response, all counted as `reload`."""
+        after their response, all counted as `reload`; until target_back(host, port), so are
+        those still opened to it (by a request that had picked it, or by warming)."""
         target = (host, port)
+        self._gone.add(target)
         self._close_idle("reload", lambda key, _: (key.host, key.port) == target)
         for protocol in self._acquired:
             if isinstance(protocol, GuardedResponseHandler) and protocol.target == target:
                 protocol.close_reason = protocol.close_reason or "reload"
+
+    def target_back(self, host: str, port: int | None) -> None:
+        """`host:port` is in the upstream again (discovery found it anew) after close_target():
+        its new connections are pooled as usual. Connections already marked still close."""
+        self._gone.discard((host, port))
 
     async def close_all(self, reason: str) -> None:
         """The upstream closes (`reason`: reload or shutdown): stop warming, close the idle
@@ -416,12 +435,35 @@ class PoolConnector(aiohttp.TCPConnector):
         """Every `interval` s keep `min_idle` idle connections open to each (target URL,
         server_hostname) `targets()` answers, within pool.limit and limit_per_host (never
         waiting for a slot), and close idle connections past their max_age. Call it too when
-        only max_age is set (min_idle 0): the sweep runs in the same task."""
+        only max_age is set (min_idle 0): the sweep runs in the same task.
+
+        min_idle is ignored, with a warning, when no idle connection outlives the interval
+        (keepalive_timeout 0, or not above `interval`): each round would open connections
+        that the idle timeout closes before the next one, with no request in between."""
+        if min_idle and not self._keeps_warm(interval):
+            min_idle = 0
+        if not min_idle and not self.max_age:
+            return  # nothing to do
         if self._warming is None:
             self._warming = asyncio.get_running_loop().create_task(
                 self._warm(targets, min_idle, interval, connect_timeout),
                 name=f"pool-warming-{self.name}",
             )
+
+    def _keeps_warm(self, interval: float) -> bool:
+        """Whether an idle connection lives past one warming round (aiohttp's
+        `_keepalive_timeout`: None means no idle timeout); logs why not."""
+        idle_timeout = self._keepalive_timeout
+        if self.force_close:
+            why = "keep-alive off (pool.keepalive_timeout 0) closes every idle connection"
+        elif idle_timeout is not None and idle_timeout <= interval:
+            why = (f"pool.keepalive_timeout {idle_timeout:g} s would close each warm "
+                   f"connection before the next round ({interval:g} s)")  # fmt: skip
+        else:
+            return True
+        log.warning("upstream %s: pool.min_idle ignored: %s; set pool.keepalive_timeout above "
+                    "%g s to keep connections warm", self.name, why, interval)  # fmt: skip
+        return False
 
     async def stop_warming(self) -> None:
         task, self._warming = self._warming, None
@@ -466,6 +508,8 @@ class PoolConnector(aiohttp.TCPConnector):
         key = request.connection_key
         # At most min_idle opens a round, even if the upstream closes them as fast as they open.
         for _ in range(min_idle):
+            if self._gone and (key.host, key.port) in self._gone:
+                return  # it left after targets() answered, or while we connected
             idle = sum(1 for protocol, _ in self._conns.get(key, ()) if protocol.is_connected())
             if self.closed or idle >= min_idle:
                 return
@@ -476,7 +520,7 @@ class PoolConnector(aiohttp.TCPConnector):
                 if active + idle >= self.limit_per_host:
                     return
             connection = await super().connect(request, [], timeout)  # counts no request
-            connection.release()  # into the pool, idle, `served` 0
+            connection.release()  # into the pool, idle, `served` 0 (closed if its target left)
 
     def _idle_count(self) -> int:
         return sum(1 for idle in self._conns.values() for p, _ in idle if p.is_connected())

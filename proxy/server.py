@@ -65,8 +65,8 @@ async def build_snapshot(
             else:
                 upstreams[name] = Upstream(name, settings)
                 built.append(upstreams[name])
-                if current is not None:  # closes counted as one total across reloads
-                    upstreams[name].connector.closes = current.connector.closes
+                if current is not None:
+                    upstreams[name].succeed(current)
         # dns/srv targets resolved before the snapshot serves (or a reload swaps it in).
         await asyncio.gather(*(upstream.discover() for upstream in built))
     except BaseException:

@@ -150,6 +150,15 @@ class Upstream:
         self.tunnels: dict[Tunnel, TargetState] = {}  # relaying now, counted in in_flight
         self._tunnels_gone: asyncio.Event | None = None  # set by aclose()
 
+    def succeed(self, previous: Upstream) -> None:
+        """A reload replaces `previous` (same name) with this one: its totals go on counting
+        (connection closes, tunnel bytes, discovery refreshes), and discovery starts from the
+        targets it found, so a DNS outage during the reload does not empty the upstream."""
+        self.connector.closes = previous.connector.closes
+        self.tunnel_bytes = previous.tunnel_bytes
+        if self.discovery is not None and previous.discovery is not None:
+            self.discovery.seed(previous.discovery)
+
     async def discover(self) -> None:
         """Resolve the dns/srv targets once, before the upstream takes requests (at start-up,
         and before a reload swaps it in). A name that does not resolve leaves the upstream
@@ -183,12 +192,14 @@ class Upstream:
         known = {t.url: t for t in self.targets if t.discovered_from}
         taken = {t.url for t in self.fixed}  # a fixed target serves its address itself
         discovered = []
+        joined: set[str] = set()
         for item in found:
             if item.url in taken:
                 continue  # found twice (two names, one address): the first one stands
             taken.add(item.url)
             target = known.pop(item.url, None)
             if target is None:
+                joined.add(item.url)  # new, or back after it left (its connections may go on)
                 target = TargetState(
                     item.url, item.weight, discovered_from=item.discovered_from,
                     server_hostname=(self.settings.tls.server_name or item.server_name)
@@ -207,6 +218,10 @@ class Upstream:
             self._discovered_once = True
         if self.health is not None:
             self.health.targets = self.targets
+            self.health.joined(t for t in discovered if t.url in joined)
+        for back in discovered:
+            if back.url in joined:
+                self.connector.target_back(back.host, back.port)
         for gone in known.values():
             self.connector.close_target(gone.host, gone.port)
         if known or discovered:

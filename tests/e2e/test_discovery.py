@@ -8,10 +8,12 @@ import contextlib
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.config import load_config
 from proxy.server import ProxyServer
 from tests.dns import DnsServer
 from tests.support import (
@@ -24,6 +26,7 @@ from tests.support import (
     http_response,
     metric_value,
     start_proxy,
+    write_config,
 )
 
 NAME = "svc.test"
@@ -263,5 +266,91 @@ async def test_hash_keeps_a_key_on_its_target_and_falls_back_without_one(hash_on
                 # Without the key: least_requests, which uses both.
                 unkeyed = Counter([(await _ask(session, server))[1] for _ in range(40)])
                 assert set(unkeyed) == {"one", "two"}
+    await one.stop()
+    await two.stop()
+
+
+async def test_a_reload_during_a_dns_outage_keeps_the_targets(tmp_path: Path) -> None:
+    backend = await RawBackend(answering(http_response(body=b"ok"))).start()
+    async with DnsServer() as dns:
+        dns.set_a(NAME, ["127.0.0.1"])
+
+        def settings(limit: int) -> dict[str, object]:
+            upstream = {"targets": [{"dns": NAME, "port": backend.port}], "pool": {"limit": limit},
+                        "discovery": {"refresh": REFRESH, "resolver": [dns.address]}}  # fmt: skip
+            return config_dict({"svc": upstream})
+
+        path = write_config(tmp_path / "proxy.yaml", settings(100))
+        server = ProxyServer(load_config(path), config_path=path, shutdown_grace=1)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                assert await _ask(session, server) == (200, "ok")
+                dns.fail = True  # SERVFAIL from now on
+                write_config(path, settings(50))  # rebuilds the upstream: a new discovery
+                assert (await server.reload())[0]
+                upstream = server.current().upstreams["svc"]
+                assert upstream.settings.pool.limit == 50
+                assert [t.url for t in upstream.targets] == [backend.url]
+                assert [(await _ask(session, server))[0] for _ in range(5)] == [200] * 5
+                # One total across the reload: the old upstream's refreshes and the new one's.
+                assert upstream.discovery is not None
+                assert upstream.discovery.refreshes["ok"] >= 1
+                assert upstream.discovery.refreshes["failed"] >= 1
+        finally:
+            await server.stop()
+    await backend.stop()
+
+
+@pytest.mark.parametrize("passes", [True, False])
+async def test_with_health_checks_a_new_address_waits_for_its_first_check(passes: bool) -> None:
+    checked = asyncio.Event()
+
+    def answer(request: RawRequest) -> bytes:
+        if request.target == "/healthz":
+            checked.set()
+            return http_response(status=200 if passes else 503)
+        return http_response(body=b"two")
+
+    one, two = await _pair()
+    two.handler = answering(answer)
+    async with DnsServer() as dns:
+        dns.set_a(NAME, ["127.0.0.1"])
+        # Rounds 30 s apart and 3 passes to come back: only the check made when the address
+        # joins, and its one pass, can bring it in within this test.
+        check = {"interval": 30, "healthy_threshold": 3, "unhealthy_threshold": 1}
+        async with (
+            _proxy(dns, {"dns": NAME, "port": one.port}, health_check=check) as server,
+            aiohttp.ClientSession() as session,
+        ):
+            dns.set_a(NAME, ["127.0.0.1", "127.0.0.2"])
+            await asyncio.wait_for(checked.wait(), 5)  # checked at once, not 30 s later
+            await eventually(lambda: _true(len(server.current().upstreams["svc"].targets) == 2))
+            await asyncio.sleep(0.1)  # the check's answer counted
+            answers = {(await _ask(session, server))[1] for _ in range(10)}
+            assert answers == ({"one", "two"} if passes else {"one"})
+    await one.stop()
+    await two.stop()
+
+
+async def test_an_address_that_comes_back_is_pooled_again() -> None:
+    one, two = await _pair()
+    async with DnsServer() as dns:
+        dns.set_a(NAME, ["127.0.0.1", "127.0.0.2"])
+        async with (
+            _proxy(dns, {"dns": NAME, "port": one.port}) as server,
+            aiohttp.ClientSession() as session,
+        ):
+            upstream = server.current().upstreams["svc"]
+            dns.set_a(NAME, ["127.0.0.2"])
+            await eventually(lambda: _true(len(upstream.targets) == 1))
+            dns.set_a(NAME, ["127.0.0.1", "127.0.0.2"])
+            await eventually(lambda: _true(len(upstream.targets) == 2))
+            before = one.connections
+            for _ in range(20):
+                assert (await _ask(session, server))[0] == 200
+            # Ten requests each, one after another: one connection to 127.0.0.1, reused.
+            assert one.connections - before == 1
+            assert upstream.connector.closes["reload"] == 0
     await one.stop()
     await two.stop()

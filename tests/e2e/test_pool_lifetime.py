@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +21,7 @@ import aiohttp
 import pytest
 
 from proxy.pool import ACQUISITION, CLOSE_REASONS, Acquisition, PoolConnector, take_upgraded
+from tests.dns import DnsServer
 from tests.support import (
     RawBackend,
     RawClient,
@@ -181,10 +184,11 @@ async def test_min_idle_opens_warm_connections_to_every_target_before_any_reques
         assert states == sorted(
             [(f"127.0.0.1:{b.port}", "idle", 0) for b in (first, second) for _ in range(2)]
         )
-        # A warm connection serves its first request as a fresh one (never used before);
-        # aiohttp hands out the longest idle first, so the third request reuses the first.
+        # A warm connection sat idle in the pool like any other: reused from its first
+        # request on (it can go stale the same way); aiohttp hands out the longest idle first.
+        await connector.stop_warming()  # a round during a request would open a third one
         reused = [(await fetch(session, first.url))[2].reused for _ in range(3)]
-        assert reused == [False, False, True]
+        assert reused == [True, True, True]
         assert first.connections == 2
         assert connector.created == 4
     assert connector.closes == no_closes(shutdown=4)
@@ -236,6 +240,73 @@ async def test_a_target_that_refuses_connections_is_logged_once_and_warming_goes
     lines = [r for r in caplog.records if "cannot open a warm connection" in r.getMessage()]
     assert len(lines) == 1
     assert dead_url in lines[0].getMessage()
+
+
+def idle_closer(idle: float) -> Any:
+    """A backend whose idle timer fires as a request arrives: a request that comes on a
+    connection idle for more than `idle` s is read, then the connection closes unanswered."""
+
+    async def handler(
+        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        last = time.monotonic()
+        while (request := await read_request(reader)) is not None:
+            backend.record(request)
+            if time.monotonic() - last > idle:
+                return
+            writer.write(OK)
+            await writer.drain()
+            last = time.monotonic()
+
+    return handler
+
+
+async def test_a_warm_connection_closed_by_the_upstream_as_it_is_used_is_stale(backend):
+    origin = await backend(idle_closer(0.2))
+    async with pool() as (connector, session):
+        connector.start_warming(lambda: [(origin.url, None)], 1, interval=10)
+        await until(lambda: connector._idle_count() == 1)
+        await asyncio.sleep(0.4)  # the upstream's idle timer has run out
+        acquisition = Acquisition()
+        ACQUISITION.set(acquisition)
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            async with session.get(origin.url):
+                pass  # pragma: no cover - no response comes
+        assert (acquisition.reused, len(origin.requests)) == (True, 1)
+        await until(lambda: sum(connector.closes.values()) == 1)
+        assert connector.closes == no_closes(stale=1)
+        _, _, fresh = await fetch(session, origin.url)  # opened for this request: not reused
+        assert (fresh.reused, origin.connections) == (False, 2)
+        await connector.stop_warming()
+
+
+@pytest.mark.parametrize(
+    ("settings", "interval"),
+    [({"force_close": True}, 0.05), ({"keepalive_timeout": 0.1}, 0.1),
+     ({"keepalive_timeout": 0.1}, 0.2)],
+)  # fmt: skip
+async def test_min_idle_is_ignored_when_no_idle_connection_outlives_a_round(
+    backend, caplog, settings, interval
+):
+    origin = await backend(answering(OK))
+    async with pool(**settings) as (connector, _):
+        with caplog.at_level(logging.WARNING, logger="proxy"):
+            connector.start_warming(lambda: [(origin.url, None)], 2, interval=interval)
+        await asyncio.sleep(interval * 5)
+        assert (origin.connections, connector.created) == (0, 0)
+        assert connector.closes == no_closes()
+    lines = [r.getMessage() for r in caplog.records if "pool.min_idle ignored" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"set pool.keepalive_timeout above {interval:g} s" in lines[0]
+
+
+async def test_min_idle_warms_when_keepalive_timeout_outlives_a_round(backend):
+    origin = await backend(answering(OK))
+    async with pool(keepalive_timeout=0.5) as (connector, _):
+        connector.start_warming(lambda: [(origin.url, None)], 2, interval=0.05)
+        await until(lambda: origin.connections == 2)
+        await asyncio.sleep(0.2)
+        assert (origin.connections, origin.open) == (2, 2)
 
 
 # --- every close counted once, under its reason ---
@@ -356,6 +427,44 @@ async def test_close_target_closes_idle_now_and_active_after_its_response(backen
     assert connector.closes == no_closes(reload=2, shutdown=1)
 
 
+async def test_a_connection_opened_to_a_target_after_it_left_closes_after_its_response(backend):
+    release = asyncio.Event()
+    held = await backend(held_until(release, OK))
+    async with pool(limit=1) as (connector, session):
+        first = asyncio.ensure_future(fetch(session, held.url))
+        await held.received(1)
+        queued = asyncio.ensure_future(fetch(session, held.url))  # waits for the only slot
+        await until(lambda: connector.waiting == 1)
+        connector.close_target("127.0.0.1", held.port)
+        release.set()
+        assert [(await r)[:2] for r in (first, queued)] == [(200, b"ok")] * 2
+        assert held.connections == 2  # the queued one opened a new connection to it...
+        await until(lambda: held.open == 0)  # ...which closes after its response
+        assert connector.closes == no_closes(reload=2)
+        assert connector.connections() == []
+        connector.target_back("127.0.0.1", held.port)  # discovery found it again
+        assert (await fetch(session, held.url))[2].reused is False
+        assert (await fetch(session, held.url))[2].reused is True  # pooled as usual
+        assert (held.connections, held.open) == (3, 1)
+        assert connector.closes == no_closes(reload=2)
+
+
+async def test_warming_opens_nothing_to_a_target_that_left(backend):
+    gone = await backend(answering(OK))
+    stays = await backend(answering(OK))
+    targets = [(gone.url, None), (stays.url, None)]  # a list one discovery round late
+    async with pool() as (connector, _):
+        connector.close_target("127.0.0.1", gone.port)
+        connector.start_warming(lambda: targets, 1, interval=0.02)
+        await until(lambda: stays.connections == 1)
+        await asyncio.sleep(0.1)
+        assert (gone.connections, stays.connections) == (0, 1)
+        connector.target_back("127.0.0.1", gone.port)
+        await until(lambda: gone.connections == 1)
+        assert (gone.open, connector.closes) == (1, no_closes())
+        await connector.stop_warming()
+
+
 async def test_close_all_counts_every_connection_once_under_its_reason(backend):
     release = asyncio.Event()
     origin = await backend(held_until(release, OK))
@@ -473,3 +582,79 @@ async def test_proxy_keeps_min_idle_warm_connections_and_lists_them(backend, pro
     assert sorted((c["target"], c["state"]) for c in listed) == sorted(
         [(f"127.0.0.1:{b.port}", "idle") for b in (first, second) for _ in range(2)]
     )
+
+
+async def _pool_view(server: Any, query: str = "") -> dict[str, Any]:
+    status, _, body = await admin_get(server, "/pools" + query)
+    assert status == 200
+    view: dict[str, Any] = json.loads(body)["upstreams"]["svc"]
+    return view
+
+
+async def test_proxy_closes_a_queued_requests_connection_to_a_drained_target(backend, proxy):
+    release = asyncio.Event()
+    one = await backend(held_until(release, http_response(body=b"one")))
+    two = RawBackend(answering(http_response(body=b"two")))
+    try:  # the same port on 127.0.0.2: the address discovery moves the name to
+        two.server = await asyncio.start_server(two._serve, "127.0.0.2", one.port)
+    except OSError:
+        pytest.skip("that port is taken on 127.0.0.2")
+    try:
+        async with DnsServer() as dns:
+            dns.set_a("svc.test", ["127.0.0.1"])
+            server = await proxy(config_dict({"svc": {
+                "targets": [{"dns": "svc.test", "port": one.port}],
+                "discovery": {"refresh": 0.1, "resolver": [dns.address]},
+                "pool": {"limit": 1, "keepalive_timeout": 30},
+            }}))  # fmt: skip
+            url = f"http://127.0.0.1:{server.proxy_address[1]}/"
+            connector = server.current().upstreams["svc"].connector
+            async with aiohttp.ClientSession() as client:
+
+                async def ask() -> tuple[int, str]:
+                    async with client.get(url) as response:
+                        return response.status, await response.text()
+
+                first = asyncio.ensure_future(ask())
+                await one.received(1)
+                queued = asyncio.ensure_future(ask())  # picked 127.0.0.1, waits for the slot
+                await until(lambda: connector.waiting == 1)
+                dns.set_a("svc.test", ["127.0.0.2"])  # 127.0.0.1 leaves: drained
+                want = [f"http://127.0.0.2:{one.port}"]
+                await until(lambda: [t.url for t in server.current().upstreams["svc"].targets]
+                            == want)  # fmt: skip
+                release.set()
+                assert [await first, await queued] == [(200, "one")] * 2
+                await until(lambda: one.open == 0)
+                view = await _pool_view(server, "?connections=1")
+                assert view["connections"] == []
+                assert {k: v for k, v in view["connections_closed"].items() if v} == {"reload": 2}
+                assert (one.connections, two.connections) == (2, 0)
+    finally:
+        await two.stop()
+
+
+async def test_proxy_retries_a_stale_warm_connection_on_a_fresh_one(backend, proxy):
+    origin = await backend(idle_closer(0.5))
+    server = await proxy(config_dict({"svc": {"targets": [origin.url], "pool": {"min_idle": 2}}}))
+    await until(lambda: origin.connections == 2)
+    await asyncio.sleep(1.0)  # both warm connections are past the upstream's idle timer
+    client = await RawClient.connect(server.proxy_address[1])
+    try:
+        response = await client.request(get("/"))
+    finally:
+        await client.close()
+    assert (response.status, response.body) == (200, b"ok")
+    view = await _pool_view(server)
+    assert view["retries"] == {"stale": 1}  # on a fresh connection, not the other warm one
+    assert view["stale_connections"] == 1
+    assert {k: v for k, v in view["connections_closed"].items() if v} == {"stale": 1}
+    assert len(origin.requests) == 2
+
+
+async def test_proxy_opens_no_warm_connection_that_keepalive_timeout_would_close(backend, proxy):
+    origin = await backend(answering(OK))
+    pool_settings = {"min_idle": 2, "keepalive_timeout": 0.3}  # the warming round is 1 s
+    await proxy(config_dict({"svc": upstream(origin.url, pool=pool_settings)}))
+    await asyncio.sleep(1.5)  # without the check: 2 opened at once, closed, 2 more at 1 s
+    assert origin.connections == 0

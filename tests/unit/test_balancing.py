@@ -61,8 +61,9 @@ def test_least_requests_picks_fewer_in_flight_per_weight():
 # --- balance: hash ---
 
 KEYS = [f"client-{i}" for i in range(1000)]
-# blake2b of "url#i" points and of the key: the same in every process and on every machine.
-EXPECTED_URLS = ["http://t8:80", "http://t6:80", "http://t1:80", "http://t7:80", "http://t7:80"]
+# SHAKE-128 of the url for the ring points, blake2b of the key: the same in every process and
+# on every machine.
+EXPECTED_URLS = ["http://t3:80", "http://t5:80", "http://t5:80", "http://t8:80", "http://t9:80"]
 
 
 def mapping(balancer: Balancer, keys: list[str] = KEYS, now: float = 0.0) -> dict[str, TargetState]:
@@ -110,6 +111,73 @@ def test_hash_honours_weights():
     assert 0.65 <= counts[heavy] / len(keys) <= 0.85
 
 
+def leave_and_join(pool: list[TargetState], odd: TargetState) -> None:
+    """`odd` leaves, then comes back: every key of a target that stayed keeps that target, and
+    only `odd`'s keys move."""
+    balancer = Balancer(pool, "hash")
+    before = mapping(balancer)
+    balancer.set_targets([t for t in pool if t is not odd])
+    after = mapping(balancer)
+    assert all(after[k] is before[k] for k in KEYS if before[k] is not odd)
+    balancer.set_targets(pool)
+    assert mapping(balancer) == before
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [2] * 9 + [1],  # the weight-1 one leaves: the others' gcd goes from 1 to 2
+        [10] * 9 + [3],  # SRV-like weights
+        [10] * 9 + [5],
+        [4, 6, 6, 9],  # gcd 1 -> 3 without the first, 1 -> 2 without the last
+        [1, 65535, 3],  # far above the points cap
+    ],
+)
+def test_hash_keys_of_targets_that_stay_never_move_whatever_the_weights(weights):
+    pool = targets(*weights)
+    for odd in pool:
+        leave_and_join(pool, odd)
+
+
+def test_hash_srv_weights_one_target_leaving_moves_only_its_share():
+    pool = targets(*[10] * 9, 3)
+    balancer = Balancer(pool, "hash")
+    before = mapping(balancer)
+    balancer.set_targets(pool[:-1])
+    after = mapping(balancer)
+    moved = sum(after[k] is not before[k] for k in KEYS) / len(KEYS)
+    own = sum(t is pool[-1] for t in before.values()) / len(KEYS)
+    assert moved == own
+    assert own <= 2 * 3 / 93  # its weight's share, give or take the ring's spread
+
+
+def test_hash_weight_change_moves_keys_only_to_or_from_that_target():
+    pool = targets(2, 1, 1, 1)
+    balancer = Balancer(pool, "hash")
+    before = mapping(balancer)
+    pool[0].weight = 3
+    balancer.set_targets(pool)
+    after = mapping(balancer)
+    moved = [k for k in KEYS if after[k] is not before[k]]
+    assert moved
+    assert {after[k] for k in moved} == {pool[0]}
+
+
+def test_hash_ring_is_bounded_whatever_the_weights():
+    # SRV weights go to 65535: weights above the cap count as the cap on the ring, so 100 such
+    # targets still build a ring of 48,000 points (about 30 ms) and never millions.
+    balancer = Balancer(targets(1, 65535), "hash")
+    assert len(balancer._ring_hashes) == 48 + 480
+    assert len(Balancer(targets(*[65535] * 100), "hash")._ring_hashes) == 48_000
+
+
+def test_hash_honours_srv_like_weights_up_to_the_cap():
+    heavy, _ = pool = targets(10, 3)
+    keys = [f"user-{i}" for i in range(10_000)]
+    counts = collections.Counter(mapping(Balancer(pool, "hash"), keys).values())
+    assert 0.65 <= counts[heavy] / len(keys) <= 0.88  # 10/13 = 0.77
+
+
 def test_hash_sends_a_key_to_the_same_target_in_every_balancer():
     first = {k: t.url for k, t in mapping(Balancer(targets(*[1] * 10), "hash")).items()}
     second = {k: t.url for k, t in mapping(Balancer(targets(*[1] * 10), "hash")).items()}
@@ -154,6 +222,29 @@ def test_hash_skips_an_unavailable_target_and_its_keys_come_back():
     assert balancer.pick(5.0, key="client-3") is following
     assert balancer.panic is False
     assert balancer.pick(10.0, key="client-3") is home
+
+
+def test_hash_never_falls_back_to_an_unavailable_target_while_one_is_available():
+    # A is unhealthy; B was down too (panic) and has just recovered, so it ramps under slow
+    # start and most keys are past its ramp: they must still go to B, not to unhealthy A.
+    a, b = pool = targets(1, 1)
+    a.healthy = False
+    balancer = Balancer(pool, "hash", slow_start=30.0)
+    b.healthy = False
+    balancer.pick(100.0, key="x")
+    b.healthy = True
+    assert set(mapping(balancer, now=101.0).values()) == {b}
+    assert balancer.panic is False
+
+
+def test_hash_fallback_over_the_load_bound_prefers_an_available_target():
+    a, b, c = pool = targets(1, 1, 1)
+    a.healthy = c.healthy = False
+    b.in_flight = 100  # far over its bound, and the only available target
+    balancer = Balancer(pool, "hash")
+    assert set(mapping(balancer).values()) == {b}
+    # Nothing available left to try: a target not tried yet, unavailable or not.
+    assert {balancer.pick(0.0, exclude=[b], key=k) for k in KEYS} == {a, c}
 
 
 def test_hash_retry_excludes_the_tried_target():

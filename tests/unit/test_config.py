@@ -803,6 +803,8 @@ _RESOLVER = "upstreams.api.discovery.resolver"
         ("upstreams.api.pool.min_idle", 200,
          "upstreams.api.pool.min_idle: must be <= pool.limit (100)"),
         ("upstreams.api.pool.max_age", -1, "upstreams.api.pool.max_age: must be"),
+        ("upstreams.api.pool", {"min_idle": 2, "keepalive_timeout": 0},
+         "upstreams.api.pool.min_idle: needs pool.keepalive_timeout above 0"),
         ("upstreams.api.slow_start", "soon", "upstreams.api.slow_start: must be"),
     ],
 )  # fmt: skip
