@@ -1,14 +1,18 @@
-"""Benchmark: the backend directly, this proxy, and nginx as a reverse proxy, in one run.
+"""Benchmark: the backend directly, this proxy, a minimal aiohttp proxy, nginx, HAProxy, one run.
 
-    python bench/run.py                  # about 4 minutes; prints progress and a Markdown table
-    python bench/run.py --quick          # one short round, to check that everything runs
+    python bench/run.py                  # about 6 minutes; prints progress and a Markdown table
+    python bench/run.py --quick          # one short round (about a minute), to check it all runs
 
-Needs wrk and nginx (Debian: apt-get install -y wrk nginx-light). nginx serves as the backend
-and, as the second reference, as a reverse proxy with upstream keepalive. Runs are interleaved
-(direct, proxy, nginx, direct, ...) and medians are reported, because a shared machine is noisy.
-The proxy under test and nginx-as-proxy are pinned to one core; wrk to the other.
+Needs wrk and nginx (Debian: apt-get install -y wrk nginx-light); HAProxy (apt-get install -y
+haproxy) when installed. nginx serves as the backend and, as a reference, as a reverse proxy with
+upstream keepalive; HAProxy is the other such reference (one thread, keep-alive both ways).
+`minimal` is bench/minimal.py, a minimal pooled aiohttp proxy on the same event loop: the
+"CPU vs minimal" column divides each target's CPU µs/request by minimal's (minimal-uvloop's for
+the *-uvloop targets when it ran), same run, same case. Runs are interleaved (direct, minimal,
+proxy, nginx, ..., direct, ...) and medians are reported, because a shared machine is noisy.
+Every proxy (this one, minimal, nginx and HAProxy) is pinned to one core; wrk to the other.
 
-Reports, per case: requests/s, p50/p99 latency, the proxy's CPU microseconds per request (from
+Reports, per case: requests/s, p50/p99 latency, each proxy's CPU microseconds per request (from
 /proc/PID/stat), and the backend connections opened during the run (nginx stub_status). Then a
 1 GiB download and a 1 GiB upload through the proxy, with its peak RSS before and after.
 Every server listens on 127.0.0.1 and is stopped by PID at the end.
@@ -21,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -57,6 +62,7 @@ class Ports:
     nginx_proxy: int
     sink: int
     backend2: int  # the same nginx backend on a second port: a second target
+    haproxy: int
 
 
 # The proxy under test, in variants: (how it is started, extra YAML). "baseline" runs
@@ -78,7 +84,16 @@ PROXY_VARIANTS = {
     # request and response header rules and a rate limit that never refuses (its cost, not
     # its 429s), beside the request ID every variant has. Compare with "proxy".
     "proxy-routed": (["-m", "proxy"], "ROUTED"),
+    # The proxy on uvloop (issue 13): compare with "proxy", and with "minimal-uvloop".
+    "proxy-uvloop": (["-m", "proxy"], "event_loop: uvloop\n"),
 }
+
+# The minimal pooled aiohttp proxy (bench/minimal.py), the reference of "CPU vs minimal", by
+# event loop. Its pool limit is --pool-limit, as the proxy's.
+MINIMAL_VARIANTS = {"minimal": "asyncio", "minimal-uvloop": "uvloop"}
+# Targets that are not the proxy: nginx and HAProxy as reverse proxies, and the backend itself.
+REFERENCES = ("direct", "nginx", "haproxy", *MINIMAL_VARIANTS)
+DEFAULT_TARGETS = "direct,minimal,proxy,nginx,haproxy"
 
 _ROUTED = """
   - name: all
@@ -151,6 +166,32 @@ http {{
     return backend, proxy
 
 
+def haproxy_conf(ports: Ports, root: Path, pool_limit: int) -> str:
+    """HAProxy as nginx-as-proxy is configured: one process and thread, HTTP mode, keep-alive
+    to the client and to the backend (idle backend connections kept, up to `pool_limit`)."""
+    # HAProxy refuses to start when it cannot raise its file limit to about 2 * maxconn.
+    maxconn = min(4096, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2)
+    return f"""
+global
+    nbthread 1
+    maxconn {maxconn}
+    pidfile {root}/haproxy.pid
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 75s
+    timeout server 60s
+    timeout http-keep-alive 75s
+frontend bench
+    bind 127.0.0.1:{ports.haproxy} backlog 4096
+    default_backend backend
+backend backend
+    server nginx 127.0.0.1:{ports.backend} pool-max-conn {pool_limit}
+"""
+
+
 def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
     targets = f"[http://127.0.0.1:{ports.backend}]"
     routed = extra == "ROUTED"
@@ -195,13 +236,26 @@ PLAIN_ROUTE = """
 """
 
 
-def wait_http(url: str, timeout: float = 20) -> None:
+def wait_http(
+    url: str,
+    timeout: float = 20,
+    proc: subprocess.Popen[bytes] | None = None,
+    name: str = "",
+    log: Path | None = None,
+) -> None:
+    """Wait for `url` to answer; fail at once, with the tail of `log`, if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:].strip() if log and log.exists() else ""
+            raise SystemExit(
+                f"bench: {name or url} exited with code {proc.returncode} before answering"
+                + (f"; its stderr ends with:\n{tail}" if tail else "")
+            )
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1):
             return
         time.sleep(0.05)
-    raise SystemExit(f"bench: {url} did not answer within {timeout:.0f} s")
+    raise SystemExit(f"bench: {name or url} did not answer at {url} within {timeout:.0f} s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -298,13 +352,15 @@ def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, i
 class Bench:
     def __init__(self, root: Path, pool_limit: int, baseline: Path | None) -> None:
         self.root = root
-        self.ports = Ports(*(free_port() for _ in range(5)))
+        self.ports = Ports(*(free_port() for _ in range(6)))
         self.pool_limit = pool_limit
         self.baseline = baseline  # a checkout of another revision, run as target "baseline"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.targets: dict[str, tuple[int, list[int]]] = {}  # name -> (port, PIDs to charge)
 
-    def start(self, proxies: list[str]) -> None:
+    def start(self, targets: list[str]) -> None:
+        """Start the backend, the sink and every server that `targets` name; wait until each
+        answers. A target that exits first stops the run with its stderr."""
         www = self.root / "www"
         www.mkdir()
         (www / "small").write_bytes(SMALL)
@@ -312,51 +368,94 @@ class Bench:
         with open(www / "huge", "wb") as f:
             f.truncate(1024**3)  # sparse: 1 GiB of zeros without using the disk
         backend_conf, proxy_conf = nginx_conf(self.ports, self.root, self.pool_limit)
+        nginx_proxy = None
         for name, text, core in (
             ("backend", backend_conf, None),
             ("nginx-proxy", proxy_conf, PROXY_CORE),
         ):
+            if name == "nginx-proxy" and "nginx" not in targets:
+                continue
             conf = self.root / f"{name}.conf"
             conf.write_text(text)
             cmd = ["nginx", "-c", str(conf), "-p", str(self.root), "-g", "daemon off;"]
             if core:
                 cmd = ["taskset", "-c", core, *cmd]
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
+            nginx_proxy = self.procs[-1]
         sink = [sys.executable, str(REPO / "bench" / "sink.py"), str(self.ports.sink)]
         self.procs.append(subprocess.Popen(sink))
-        admins = [self._start_proxy(name) for name in proxies]
+        # (name, URL that answers once it is up, its process, its stderr)
+        waits = [self._start_proxy(name) for name in targets if name in PROXY_VARIANTS]
+        waits += [self._start_minimal(name) for name in targets if name in MINIMAL_VARIANTS]
+        if "haproxy" in targets:
+            waits.append(self._start_haproxy())
         wait_http(f"http://127.0.0.1:{self.ports.backend}/small")
-        wait_http(f"http://127.0.0.1:{self.ports.nginx_proxy}/small")
-        for admin_port in admins:
-            wait_http(f"http://127.0.0.1:{admin_port}/readyz")
         self.targets["direct"] = (self.ports.backend, [])
-        self.targets["nginx"] = (self.ports.nginx_proxy, nginx_worker_pids(self.procs[1].pid))
+        if "nginx" in targets:
+            assert nginx_proxy is not None
+            wait_http(f"http://127.0.0.1:{self.ports.nginx_proxy}/small")
+            self.targets["nginx"] = (self.ports.nginx_proxy, nginx_worker_pids(nginx_proxy.pid))
+        for name, url, proc, log in waits:
+            wait_http(url, proc=proc, name=name, log=log)
 
-    def _start_proxy(self, name: str) -> int:
-        """Start variant `name` of the proxy on its own ports; return its admin port."""
+    def _start_proxy(self, name: str) -> tuple[str, str, subprocess.Popen[bytes], Path]:
+        """Start variant `name` of the proxy on its own ports."""
         port, admin_port = free_port(), free_port()
         launcher, extra = PROXY_VARIANTS[name]
         source = self.baseline if name == "baseline" and self.baseline else REPO
         config = self.root / f"{name}.yaml"
         config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, extra))
-        proxy = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "0,1" if name == "proxy-2w" else PROXY_CORE,
-                sys.executable,
-                *launcher,
-                "--config",
-                str(config),
-            ],
-            cwd=source,
-            stdout=subprocess.DEVNULL,  # the access log
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(source)},
-        )
+        log = self.root / f"{name}.stderr"
+        with open(log, "wb") as stderr:
+            proxy = subprocess.Popen(
+                [
+                    "taskset",
+                    "-c",
+                    "0,1" if name == "proxy-2w" else PROXY_CORE,
+                    sys.executable,
+                    *launcher,
+                    "--config",
+                    str(config),
+                ],
+                cwd=source,
+                stdout=subprocess.DEVNULL,  # the access log
+                stderr=stderr,
+                env={**os.environ, "PYTHONPATH": str(source)},
+            )
         self.procs.append(proxy)
         self.targets[name] = (port, [proxy.pid])
-        return admin_port
+        return name, f"http://127.0.0.1:{admin_port}/readyz", proxy, log
+
+    def _start_minimal(self, name: str) -> tuple[str, str, subprocess.Popen[bytes], Path]:
+        """Start bench/minimal.py, the minimal pooled aiohttp proxy, on the loop `name` says."""
+        port = free_port()
+        log = self.root / f"{name}.stderr"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen(
+                [
+                    *("taskset", "-c", PROXY_CORE, sys.executable),
+                    str(REPO / "bench" / "minimal.py"),
+                    *("--port", str(port), "--upstream", f"http://127.0.0.1:{self.ports.backend}"),
+                    *("--pool-limit", str(self.pool_limit), "--loop", MINIMAL_VARIANTS[name]),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        self.procs.append(proc)
+        self.targets[name] = (port, [proc.pid])
+        return name, f"http://127.0.0.1:{port}/small", proc, log
+
+    def _start_haproxy(self) -> tuple[str, str, subprocess.Popen[bytes], Path]:
+        conf = self.root / "haproxy.cfg"
+        conf.write_text(haproxy_conf(self.ports, self.root, self.pool_limit))
+        log = self.root / "haproxy.stderr"
+        with open(log, "wb") as stderr:
+            # -db: in the foreground, one process (no master-worker): the PID to charge.
+            cmd = ["taskset", "-c", PROXY_CORE, "haproxy", "-db", "-f", str(conf)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        self.procs.append(proc)
+        self.targets["haproxy"] = (self.ports.haproxy, [proc.pid])
+        return "haproxy", f"http://127.0.0.1:{self.ports.haproxy}/small", proc, log
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -434,12 +533,29 @@ def median_run(runs: list[Run]) -> Run:
     )
 
 
-def table(results: dict[tuple[str, str, int], Run], targets: list[str]) -> str:
+def minimal_for(target: str, targets: list[str]) -> str:
+    """The reference of target's "CPU vs minimal": minimal on the same event loop if it ran."""
+    if target.endswith("-uvloop") and "minimal-uvloop" in targets:
+        return "minimal-uvloop"
+    return "minimal"
+
+
+def cpu_ratio(run: Run, reference: Run | None) -> str:
+    if reference and reference.cpu_us_per_request and run.cpu_us_per_request is not None:
+        return f"{run.cpu_us_per_request / reference.cpu_us_per_request:.2f}"
+    return "—"
+
+
+def table(results: dict[tuple[str, int, str], Run], targets: list[str]) -> str:
     rows = [
         "| body | clients | target | req/s | p50 ms | p99 ms | CPU µs/req | backend conns "
         "| req/s vs direct | req/s vs nginx | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    minimal = any(t in targets for t in MINIMAL_VARIANTS)
+    if minimal:
+        rows[0] += " CPU vs minimal |"
+        rows[1] += "---|"
     if "baseline" in targets:
         rows[0] += " CPU vs baseline |"
         rows[1] += "---|"
@@ -454,12 +570,11 @@ def table(results: dict[tuple[str, str, int], Run], targets: list[str]) -> str:
             f"| {run.p99_ms:.2f} | {cpu} | {run.backend_connections} | {vs_direct} "
             f"| {vs_nginx} | {run.errors} |"
         )
+        if minimal:
+            reference = results.get((body, clients, minimal_for(target, targets)))
+            rows[-1] += f" {cpu_ratio(run, reference)} |"
         if "baseline" in targets:
-            base = results.get((body, clients, "baseline"))
-            ratio = "—"
-            if base and base.cpu_us_per_request and run.cpu_us_per_request:
-                ratio = f"{run.cpu_us_per_request / base.cpu_us_per_request:.2f}"
-            rows[-1] += f" {ratio} |"
+            rows[-1] += f" {cpu_ratio(run, results.get((body, clients, 'baseline')))} |"
     return "\n".join(rows)
 
 
@@ -475,14 +590,18 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--pool-limit", type=int, default=100, help="pool.limit of the proxy")
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s, no 1 GiB transfer")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round of 2 s, no 1 GiB transfer (about 1 minute)"
+    )
     parser.add_argument("--no-transfer", action="store_true", help="skip the 1 GiB transfers")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument(
         "--targets",
-        default="direct,proxy,nginx",
-        help="comma-separated, from: direct, nginx, " + ", ".join(PROXY_VARIANTS) + " "
-        "(proxy-nolog: access log off; proxy-bare: metrics and access log off)",
+        default=DEFAULT_TARGETS,
+        help=f"comma-separated (default {DEFAULT_TARGETS}; haproxy is skipped when not "
+        "installed), from: " + ", ".join([*REFERENCES, *PROXY_VARIANTS]) + " (minimal: "
+        "bench/minimal.py, a minimal pooled aiohttp proxy; proxy-nolog: access log off; "
+        "proxy-bare: metrics and access log off)",
     )
     parser.add_argument(
         "--baseline",
@@ -505,7 +624,17 @@ def main() -> int:
         print("bench: needs 2 cores (proxy on one, load on the other)", file=sys.stderr)
         return 2
 
-    targets = args.targets.split(",")
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = [t for t in targets if t not in (*REFERENCES, *PROXY_VARIANTS)]
+    if unknown:
+        parser.error(f"unknown target(s): {', '.join(unknown)}")
+    if "haproxy" in targets and shutil.which("haproxy") is None:
+        print(
+            "bench: haproxy is not installed (Debian: apt-get install -y haproxy): "
+            "skipping the haproxy target",
+            file=sys.stderr,
+        )
+        targets.remove("haproxy")
     if args.baseline:
         targets.append("baseline")
     cases = [(body, clients) for body in ("small", "16KiB") for clients in (50, 200)]
@@ -519,7 +648,7 @@ def main() -> int:
             baseline = stack.enter_context(checkout(args.baseline, root / "baseline-src"))
         bench = Bench(root, args.pool_limit, baseline)
         try:
-            bench.start([t for t in targets if t in PROXY_VARIANTS])
+            bench.start(targets)
             for target in targets:  # warm up pools and caches
                 wrk(bench.url(target, "/small"), 50, 1)
             for round_ in range(args.rounds):
@@ -527,7 +656,7 @@ def main() -> int:
                     for target in targets:
                         done += 1
                         print(
-                            f"[{done}/{total}] round {round_ + 1}: {target:6} {body:5} "
+                            f"[{done}/{total}] round {round_ + 1}: {target:14} {body:5} "
                             f"{clients:3} clients",
                             file=sys.stderr,
                             flush=True,
@@ -548,6 +677,12 @@ def main() -> int:
         f"{LOAD_CORE}\n"
     )
     print(table(results, targets))
+    if any(t in targets for t in MINIMAL_VARIANTS):
+        print(
+            "\nCPU vs minimal: CPU µs/request over that of bench/minimal.py (a minimal pooled\n"
+            "aiohttp proxy) in the same case: over minimal-uvloop's for *-uvloop targets when it\n"
+            "ran, else over minimal's (asyncio). Below 1: less CPU per request than minimal."
+        )
     if transfer:
         print(
             f"\n1 GiB transfers through the proxy: RSS {transfer['rss_before_mib']:.0f} MiB "

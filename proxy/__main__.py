@@ -1,4 +1,4 @@
-"""The command line: `python -m proxy --config FILE [--check]`.
+"""The command line: `python -m proxy [rules] --config FILE [--check]`.
 
 The only module that prints for the user or exits; it knows nothing of aiohttp.
 """
@@ -6,13 +6,13 @@ The only module that prints for the user or exits; it knows nothing of aiohttp.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
 from proxy import __version__
 from proxy.config import ConfigError, load_config
 from proxy.guard import load_policy
+from proxy.loops import loop_factory, run
 from proxy.reload import describe_changes
 from proxy.tls import check_files
 
@@ -23,6 +23,13 @@ EXIT_STARTUP_ERROR = 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="proxy", description="A reverse proxy with one connection pool per upstream."
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "rules"],
+        default="serve",
+        help="serve (the default), or rules: print Prometheus SLO rules for the routes' slo keys",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
     parser.add_argument(
@@ -39,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "rules":
+        from proxy.slo import print_rules
+
+        return print_rules(args.config)
     if args.diff and not args.check:
         print("proxy: --diff goes with --check", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -46,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         check_files(config, strict=args.check)  # serving, an expired certificate is a warning
         load_policy(config.admin)  # admin.token_file: readable and not empty
+        loop_factory(config.event_loop)  # event_loop: uvloop is installed
         running = load_config(args.diff) if args.diff else None
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.workers != 1:
             return supervise(config, args.config)
-        asyncio.run(serve(config, args.config))
+        run(config.event_loop, lambda: serve(config, args.config))
     except StartupError as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return EXIT_STARTUP_ERROR

@@ -393,6 +393,37 @@ class RateLimit:
     key: str = key(rate_limit_key, "client_ip")  # client_ip | route | header:NAME
 
 
+# Request and upstream latencies, 1 ms to 1 min: the duration histograms' bucket bounds, which
+# an SLO's latency must be one of (its rules count the requests under that bound).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+def bucket_bound(value: Any, path: str) -> float:
+    seconds = positive_seconds(value, path)
+    if seconds not in LATENCY_BUCKETS:
+        bounds = ", ".join(f"{b:g}" for b in LATENCY_BUCKETS)
+        raise _fail(path, f"must be a bound of the latency histogram ({bounds})", value)
+    return seconds
+
+
+def percent(value: Any, path: str) -> float:
+    """A percentage strictly between 0 and 100, like 99.9."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 100:
+        raise _fail(path, "must be a percentage between 0 and 100 (exclusive), like 99.9", value)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """routes[].slo: the objectives `python -m proxy rules` writes alerts for (slo.py)."""
+
+    availability: float | None = key(optional(percent), None)  # % of requests not 5xx
+    latency: float | None = key(optional(bucket_bound), None)  # s: requests under it are fast
+    latency_target: float = key(percent, 99.0)  # % of requests faster than `latency`
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     match: Match = key(section(Match))
@@ -410,6 +441,7 @@ class Route:
     rate_limit: RateLimit | None = key(optional_section(RateLimit), None)
     max_body: int | None = key(non_negative_int, None)  # overrides listen.limits.max_body
     upgrade: bool = key(boolean, True)  # false: an Upgrade request gets 400
+    slo: Slo | None = key(optional_section(Slo), None)  # service level objectives (alerts)
 
     @property
     def upstreams(self) -> tuple[str, ...]:
@@ -473,6 +505,9 @@ class Config:
     access_log: AccessLog = key(section(AccessLog), AccessLog())
     shutdown: Shutdown = key(section(Shutdown), Shutdown())
     workers: int = key(workers_count, 1)  # 0 = auto
+    # The event loop every process serves on (loops.py); uvloop is the optional extra
+    # `pip install 'proxy[uvloop]'`, checked at start-up and by --check.
+    event_loop: str = key(one_of("asyncio", "uvloop"), "asyncio")
     request_id: RequestId = key(section(RequestId), RequestId())
     trace_context: bool = key(boolean, True)  # W3C traceparent: continue or start a trace
 
@@ -571,6 +606,8 @@ def _check_route(route: Route, i: int, upstreams: Mapping[str, Upstream]) -> Non
             f"{where}.redirect.path: cannot go with rewrite or strip_prefix, which set the "
             "Location's path from the request's"
         )
+    if route.slo is not None and route.slo.availability is None and route.slo.latency is None:
+        raise ConfigError(f"{where}.slo: needs availability, latency or both")
     if route.strip_prefix and match.path_prefix is None:
         raise ConfigError(f"{where}.strip_prefix: needs match.path_prefix to strip")
 

@@ -6,6 +6,10 @@ aiohttp bounds only the idle time between requests (and not at all when keepaliv
 connection, and the upstream pool slot behind it, for as long as it likes. `DeadlineHandler` is
 aiohttp's per-connection protocol with one timer, armed lazily and checking, when it fires,
 which phase the connection is in. Leans on RequestHandler internals listed in internals.py.
+
+It also keeps an idle connection small (bench/idle.py): no instance dict, a list where aiohttp
+allocates a deque, and the last request's message and headers, and its response's headers, let
+go of once the response is sent, where aiohttp would hold them until the next request.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 log = logging.getLogger("proxy")
 
@@ -72,11 +79,77 @@ _REQUEST_TIMEOUT = (
 _RECHECK = 1.0  # s: how soon to look again at what cannot be decided now
 
 
+class _Popped:
+    """A parsed request as aiohttp's `RequestHandler.start()` holds it. That loop keeps the last
+    request's locals (message, request, response) for as long as it waits for the next one,
+    i.e. for the whole idle time of a keep-alive connection: some 2 KiB per idle connection
+    for a bare GET, more for a browser's headers. Through this box the message is let go of
+    once the response is sent (`DeadlineHandler.finish_response`); the request factory
+    (listener.py) unboxes it with `popped_message`."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: RawRequestMessage) -> None:
+        self.message: RawRequestMessage | None = message
+
+
+def popped_message(message: Any) -> RawRequestMessage:
+    """The message a request factory is given, unboxed (see `_Popped`)."""
+    if isinstance(message, _Popped):
+        assert message.message is not None
+        return message.message
+    return message  # type: ignore[no-any-return]
+
+
+class _MessageQueue(list[Any]):
+    """RequestHandler._messages, the parsed requests not yet handled. aiohttp's deque allocates
+    a 64-slot block with every connection (760 bytes, the largest single item of an idle
+    connection); an empty list holds nothing. It is short (aiohttp pauses reading at 32
+    requests), so popping from the front costs nothing. What it hands aiohttp is boxed."""
+
+    __slots__ = ("popped",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.popped: _Popped | None = None  # the request being handled
+
+    def popleft(self) -> tuple[Any, Any]:
+        message, payload = self.pop(0)
+        if isinstance(message, RawRequestMessage):
+            self.popped = popped = _Popped(message)
+            return popped, payload
+        return message, payload  # a parse error (aiohttp's _ErrInfo)
+
+
+# What an answered request is left holding instead of its message, headers and URL.
+_SPENT = RawRequestMessage(
+    "GET", "/", HttpVersion11, CIMultiDictProxy(CIMultiDict()), (), True, None, False, False,
+    URL("/"),
+)  # fmt: skip
+
+
 class DeadlineHandler(RequestHandler):
     """One client connection: aiohttp's, plus a deadline on every read and write."""
 
+    # No instance __dict__ (RequestHandler and its bases have slots): an idle connection
+    # costs memory per attribute, not per dict.
+    __slots__ = (
+        "_body_expired",
+        "_counts",
+        "_deadlines",
+        "_head_started",
+        "_last_read",
+        "_line_bytes",
+        "_line_seen",
+        "_payload",
+        "_timer",
+        "_write_paused_at",
+        "peer",
+    )  # fmt: skip
+
     def __init__(self, manager: ClientServer, *, peer: str | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)  # type: ignore[arg-type]
+        self._messages = _MessageQueue()  # type: ignore[assignment]
         # The address this connection came from: the PROXY protocol header's source (accept.py)
         # or, from connection_made on, the TCP peer's. Who the client is, identity.py decides.
         self.peer = peer
@@ -101,6 +174,24 @@ class DeadlineHandler(RequestHandler):
         now = self._loop.time()
         self._head_started = self._last_read = now  # the head is due from connect on
         self._arm(now + self._deadlines.header)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            # Sent (or failed): nothing reads this request's message, headers or URL, nor the
+            # response's headers, again; aiohttp's start() holds both until the next request.
+            messages: _MessageQueue = self._messages  # type: ignore[assignment]
+            if messages.popped is not None:
+                messages.popped.message = None
+                messages.popped = None
+            request._message = _SPENT
+            request._headers = _SPENT.headers
+            request._rel_url = _SPENT.url
+            request._cache.clear()
+            resp.headers.clear()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:

@@ -16,6 +16,7 @@ import urllib.parse
 from aiohttp import web
 
 from proxy.config import Config, ConfigError, Target, load_config
+from proxy.loops import loop_factory, run
 from proxy.server import StartupError, serve
 
 
@@ -107,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.config)
+        loop_factory(config.event_loop)  # event_loop: uvloop is installed
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        asyncio.run(run_demo(config))
+        run(config.event_loop, lambda: run_demo(config))
     except StartupError as exc:
         print(f"proxy demo: {exc}", file=sys.stderr)
         return 1

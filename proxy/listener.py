@@ -32,7 +32,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.deadlines import TIMEOUT_PHASES, DeadlineHandler, Deadlines
+from proxy.deadlines import TIMEOUT_PHASES, DeadlineHandler, Deadlines, popped_message
 from proxy.tracing import stamp
 
 log = logging.getLogger("proxy")
@@ -57,6 +57,8 @@ def plain_response(status: int, detail: str = "") -> web.Response:
 
 class _ProxyRequestHandler(DeadlineHandler):
     """One client connection: deadlines (deadlines.py), and parse errors answered briefly."""
+
+    __slots__ = ()
 
     # -- responses --
 
@@ -111,8 +113,9 @@ class ProxyHTTPServer(web.Server):
         on_rejected: Callable[[str | None, int], None] = lambda client, status: None,
         **kwargs: Any,
     ) -> None:
-        if not deadlines.keepalive:
-            kwargs["request_factory"] = self._request_without_keepalive
+        kwargs["request_factory"] = (
+            self._request if deadlines.keepalive else self._request_without_keepalive
+        )
         super().__init__(handler, **kwargs)
         self.deadlines = deadlines
         self.on_rejected = on_rejected
@@ -124,6 +127,18 @@ class ProxyHTTPServer(web.Server):
         """A connection's handler; `peer`: the client a PROXY protocol header named."""
         return _ProxyRequestHandler(self, peer=peer, loop=self._loop, **self._kwargs)
 
+    def _request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        # aiohttp's own factory, given the message as the handler boxed it (deadlines.py).
+        message = popped_message(message)
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+
     def _request_without_keepalive(
         self,
         message: RawRequestMessage,
@@ -134,7 +149,7 @@ class ProxyHTTPServer(web.Server):
     ) -> web.BaseRequest:
         # listen.keepalive_timeout 0 (aiohttp would then keep idle connections for ever): every
         # request is the connection's last, so its response says "Connection: close".
-        closing = message._replace(should_close=True)
+        closing = popped_message(message)._replace(should_close=True)
         return web.BaseRequest(closing, payload, protocol, writer, task, self._loop)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.accept import PAUSE_REASONS, PROXY_PROTOCOL_ERRORS
+from proxy.config import LATENCY_BUCKETS
 from proxy.deadlines import TIMEOUT_PHASES
 from proxy.exchange import Exchange
 from proxy.guard import UNAUTHORIZED_REASONS
@@ -44,10 +45,6 @@ TUNNEL_DIRECTIONS = ("upstream", "downstream")
 TUNNEL_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 RETRY_REASONS = ("connect", "reset", "stale")
 EJECTION_REASONS = ("consecutive_failures", "health_check", "retry_after")
-# Request and upstream latencies, 1 ms to 1 min.
-LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
 # Pool waits: 0 (no wait) is the common case; anything above it means `limit` is too small.
 WAIT_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 

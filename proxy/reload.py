@@ -12,7 +12,7 @@ from typing import Any
 from proxy.config import Config, show
 
 # Top-level keys a running proxy cannot apply (its listeners, threads and processes exist).
-RESTART_KEYS = ("listen", "admin", "access_log", "shutdown", "workers")
+RESTART_KEYS = ("listen", "admin", "access_log", "shutdown", "workers", "event_loop")
 
 
 def _differences(old: Any, new: Any, path: str) -> list[str]:

@@ -6,12 +6,12 @@ other workers (SO_REUSEPORT) and its admin app on Unix socket NAME, for the supe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
 from proxy.config import ConfigError, load_config
+from proxy.loops import run
 from proxy.server import StartupError, serve
 
 # The secret the supervisor asks this worker's admin app with: in the environment, which only
@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config)
-        asyncio.run(
-            serve(
+        run(
+            config.event_loop,  # the file's as this worker starts: a restart applies a change
+            lambda: serve(
                 config,
                 args.config,
                 admin_socket=unix_path(args.admin_socket),
                 admin_token=token,
                 reuse_port=True,
-            )
+            ),
         )
     except (ConfigError, StartupError) as exc:
         print(f"proxy worker: {exc}", file=sys.stderr)

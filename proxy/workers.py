@@ -30,6 +30,7 @@ from proxy.accept import bind_all
 from proxy.admin import guarded, healthz, reload_handler
 from proxy.config import Config, ConfigError, load_config
 from proxy.guard import CHANGE_HEADER, AdminGuard, load_policy
+from proxy.loops import run
 from proxy.merging import Merged, Merger
 from proxy.metrics import admin_unauthorized_family
 from proxy.server import cannot_listen, handle_signals, listen_on
@@ -300,4 +301,7 @@ def with_own(merged: list[Metric], own: list[Metric]) -> list[Metric]:
 
 def supervise(config: Config, config_path: str) -> int:
     count = config.workers or os.cpu_count() or 1
-    return asyncio.run(Supervisor(config, config_path, count).run())
+    # The supervisor serves no client: it stays on asyncio whatever `event_loop` says, which
+    # also keeps it on asyncio's Unix sockets (uvloop cannot connect to the workers' abstract
+    # sockets: OSError EINVAL on "\0name", probed with uvloop 0.23).
+    return run("asyncio", lambda: Supervisor(config, config_path, count).run())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -136,3 +137,20 @@ async def test_signal_lets_in_flight_requests_finish_then_exits_0(backend, tmp_p
     assert returncode == 0, stderr
     assert "draining" in stderr
     assert "Traceback" not in stderr
+
+
+def test_rules_prints_the_slo_rules_of_a_config(tmp_path: Path) -> None:
+    config = {
+        "upstreams": {"api": {"targets": ["http://127.0.0.1:9"]}},
+        "routes": [{"name": "api", "match": {"path_prefix": "/"}, "upstream": "api",
+                    "slo": {"availability": 99.9, "latency": 0.25}}],
+    }  # fmt: skip
+    path = write_config(tmp_path / "proxy.yaml", config)
+    done = run_cli("rules", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "alert: ProxyRouteErrorBudgetBurn" in done.stdout
+    assert "alert: ProxyRouteLatencyBudgetBurn" in done.stdout
+    config["routes"][0]["slo"] = {"latency": 0.3}  # type: ignore[index]
+    done = run_cli("rules", "--config", str(write_config(path, config)))
+    assert done.returncode == 2
+    assert done.stderr.startswith("routes[0].slo.latency: must be a bound of the latency")

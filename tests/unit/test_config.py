@@ -107,7 +107,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             {},
             "routes[1]: unknown key 'matches' "
             "(known: match, upstream, split, redirect, name, strip_prefix, rewrite, host_header, "
-            "headers, timeouts, retries, rate_limit, max_body, upgrade)",
+            "headers, timeouts, retries, rate_limit, max_body, upgrade, slo)",
         ),
         ("upstreams.api.targets", [], "upstreams.api.targets: must be a non-empty list, got []"),
         (
@@ -148,7 +148,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "listn",
             {},
             "config: unknown key 'listn' "
-            "(known: upstreams, routes, listen, admin, access_log, shutdown, workers, "
+            "(known: upstreams, routes, listen, admin, access_log, shutdown, workers, event_loop, "
             "request_id, trace_context)",
         ),
         ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
@@ -803,6 +803,11 @@ _RESOLVER = "upstreams.api.discovery.resolver"
         ("upstreams.api.pool.min_idle", 200,
          "upstreams.api.pool.min_idle: must be <= pool.limit (100)"),
         ("upstreams.api.pool.max_age", -1, "upstreams.api.pool.max_age: must be"),
+        ("event_loop", "libuv", "event_loop: must be one of asyncio, uvloop, got 'libuv'"),
+        ("routes[0].slo", {"latency": 0.3},
+         "routes[0].slo.latency: must be a bound of the latency histogram (0.001,"),
+        ("routes[0].slo", {"latency_target": 95}, "routes[0].slo: needs availability, latency"),
+        ("routes[0].slo", {"availability": 100}, "routes[0].slo.availability: must be a percent"),
         ("upstreams.api.pool", {"min_idle": 2, "keepalive_timeout": 0},
          "upstreams.api.pool.min_idle: needs pool.keepalive_timeout above 0"),
         ("upstreams.api.slow_start", "soon", "upstreams.api.slow_start: must be"),
