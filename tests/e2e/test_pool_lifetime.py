@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from proxy.pool import ACQUISITION, CLOSE_REASONS, Acquisition, PoolConnector, take_upgraded
 from tests.dns import DnsServer
@@ -30,6 +31,7 @@ from tests.support import (
     closes_idle_after,
     closes_on_reuse,
     config_dict,
+    eventually,
     get,
     held_until,
     http_response,
@@ -658,3 +660,40 @@ async def test_proxy_opens_no_warm_connection_that_keepalive_timeout_would_close
     await proxy(config_dict({"svc": upstream(origin.url, pool=pool_settings)}))
     await asyncio.sleep(1.5)  # without the check: 2 opened at once, closed, 2 more at 1 s
     assert origin.connections == 0
+
+
+async def test_a_request_arriving_as_a_connection_frees_queues_behind_those_waiting() -> None:
+    """aiohttp hands a freed connection to whoever asks first: a request asking between the
+    release and the woken waiter's turn would take it, and the waiter would wait again."""
+    backend = await RawBackend(answering(http_response(body=b"ok"))).start()
+    connector = PoolConnector(limit=1, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(connect=5)
+
+    def request() -> aiohttp.ClientRequest:
+        return aiohttp.ClientRequest(
+            "GET", URL(backend.url), loop=asyncio.get_running_loop(), ssl=True
+        )
+
+    try:
+        first = await connector.connect(request(), [], timeout)
+        waiter = asyncio.create_task(connector.connect(request(), [], timeout))
+        await eventually(lambda: _true(connector.waiting == 1))
+        # A request arrives, and before it runs the connection is freed: its turn comes before
+        # the woken waiter's (before the fix it took the connection, the waiter waited again).
+        newcomer = asyncio.create_task(connector.connect(request(), [], timeout))
+        first.release()
+        await asyncio.sleep(0)
+        second = await asyncio.wait_for(waiter, 2)  # the one that waited gets it
+        assert not newcomer.done()
+        assert connector.waiting == 1  # the newcomer waits its turn
+        second.release()
+        third = await asyncio.wait_for(newcomer, 2)
+        third.release()
+        assert backend.connections == 1  # one connection, handed on in order
+    finally:
+        await connector.close()
+        await backend.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
