@@ -150,7 +150,7 @@ class ProxyHTTPServer(web.Server):
         # listen.keepalive_timeout 0 (aiohttp would then keep idle connections for ever): every
         # request is the connection's last, so its response says "Connection: close".
         closing = popped_message(message)._replace(should_close=True)
-        return web.BaseRequest(closing, payload, protocol, writer, task, self._loop)
+        return self._request(closing, payload, protocol, writer, task)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

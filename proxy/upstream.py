@@ -192,20 +192,20 @@ class Upstream:
         known = {t.url: t for t in self.targets if t.discovered_from}
         taken = {t.url for t in self.fixed}  # a fixed target serves its address itself
         discovered = []
-        joined: set[str] = set()
+        joined = []  # new, or back after they left (their old connections may still go on)
         for item in found:
             if item.url in taken:
                 continue  # found twice (two names, one address): the first one stands
             taken.add(item.url)
             target = known.pop(item.url, None)
             if target is None:
-                joined.add(item.url)  # new, or back after it left (its connections may go on)
                 target = TargetState(
                     item.url, item.weight, discovered_from=item.discovered_from,
                     server_hostname=(self.settings.tls.server_name or item.server_name)
                     if item.url.startswith("https:") else None,
                     authority=_authority(item),
                 )  # fmt: skip
+                joined.append(target)
             target.weight = item.weight
             discovered.append(target)
         self.targets = self.fixed + tuple(discovered)
@@ -218,10 +218,9 @@ class Upstream:
             self._discovered_once = True
         if self.health is not None:
             self.health.targets = self.targets
-            self.health.joined(t for t in discovered if t.url in joined)
-        for back in discovered:
-            if back.url in joined:
-                self.connector.target_back(back.host, back.port)
+            self.health.joined(joined)
+        for back in joined:
+            self.connector.target_back(back.host, back.port)
         for gone in known.values():
             self.connector.close_target(gone.host, gone.port)
         if known or discovered:
@@ -318,7 +317,5 @@ class Upstream:
 
 def _authority(found: Found) -> str:
     """host_header: target for a discovered target: the name it was found by and its port
-    (as a virtual host expects it), the port left out when it is the scheme's default."""
-    port = URL(found.url).port
-    default = 443 if found.url.startswith("https:") else 80
-    return found.server_name if port == default else f"{found.server_name}:{port}"
+    (as a virtual host expects it), by the rule of a fixed target's (policy.target_host)."""
+    return target_host(str(URL(found.url).with_host(found.server_name)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -355,11 +356,13 @@ class RawClient:
             await self.writer.wait_closed()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 5.0) -> None:
-    """Poll `check` until it is true, for state the proxy exposes no event for (a scrape)."""
+async def eventually(check: Callable[[], Awaitable[bool] | bool], *, within: float = 5.0) -> None:
+    """Poll `check` until it is true, for state the proxy exposes no event for (a scrape);
+    `check` may be a coroutine function or a plain predicate."""
     async with asyncio.timeout(within):
         while True:
-            if await check():
+            result = check()
+            if await result if inspect.isawaitable(result) else result:
                 return
             await asyncio.sleep(0.01)
 

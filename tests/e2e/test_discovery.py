@@ -96,13 +96,13 @@ async def test_targets_follow_dns_and_drain_without_a_failed_request() -> None:
 
             clients = [asyncio.create_task(client()) for _ in range(4)]
             try:
-                await eventually(lambda: _true(len(seen) > 20))
+                await eventually(lambda: len(seen) > 20)
                 dns.set_a(NAME, ["127.0.0.1", "127.0.0.2"])  # scaled up: a target appears
-                await eventually(lambda: _true(len(two.requests) > 20))
+                await eventually(lambda: len(two.requests) > 20)
                 dns.set_a(NAME, ["127.0.0.2"])  # 127.0.0.1 leaves: it drains
-                await eventually(lambda: _true(one.open == 0), within=5)
+                await eventually(lambda: one.open == 0, within=5)
                 settled = len(seen)
-                await eventually(lambda: _true(len(seen) > settled + 50))
+                await eventually(lambda: len(seen) > settled + 50)
             finally:
                 stop.set()
                 await asyncio.gather(*clients)
@@ -122,10 +122,6 @@ async def test_targets_follow_dns_and_drain_without_a_failed_request() -> None:
     await two.stop()
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def test_a_failing_dns_keeps_the_last_good_set() -> None:
     one, two = await _pair()
     async with DnsServer() as dns:
@@ -133,14 +129,12 @@ async def test_a_failing_dns_keeps_the_last_good_set() -> None:
         async with _proxy(dns, {"dns": NAME, "port": one.port}) as server:
             dns.fail = True
             await eventually(
-                lambda: _true(server.current().upstreams["svc"].discovery.refreshes["failed"] >= 2)  # type: ignore[union-attr]
+                lambda: server.current().upstreams["svc"].discovery.refreshes["failed"] >= 2  # type: ignore[union-attr]
             )
             dns.fail, dns.silent = False, True  # and then a server that does not answer at all
             failed = server.current().upstreams["svc"].discovery.refreshes["failed"]  # type: ignore[union-attr]
             await eventually(
-                lambda: _true(
-                    server.current().upstreams["svc"].discovery.refreshes["failed"] > failed
-                ),  # type: ignore[union-attr]
+                lambda: server.current().upstreams["svc"].discovery.refreshes["failed"] > failed,  # type: ignore[union-attr]
                 within=10,
             )
             async with aiohttp.ClientSession() as session:
@@ -193,7 +187,7 @@ async def test_no_target_yet_is_a_503_until_the_name_resolves() -> None:
             assert response.status == 503
             assert response.headers["Retry-After"] == "1"
         dns.set_a(NAME, ["127.0.0.2"])
-        await eventually(lambda: _true(len(server.current().upstreams["svc"].targets) == 1))
+        await eventually(lambda: len(server.current().upstreams["svc"].targets) == 1)
         assert await _ask(session, server) == (200, "two")
     await one.stop()
     await two.stop()
@@ -325,7 +319,7 @@ async def test_with_health_checks_a_new_address_waits_for_its_first_check(passes
         ):
             dns.set_a(NAME, ["127.0.0.1", "127.0.0.2"])
             await asyncio.wait_for(checked.wait(), 5)  # checked at once, not 30 s later
-            await eventually(lambda: _true(len(server.current().upstreams["svc"].targets) == 2))
+            await eventually(lambda: len(server.current().upstreams["svc"].targets) == 2)
             await asyncio.sleep(0.1)  # the check's answer counted
             answers = {(await _ask(session, server))[1] for _ in range(10)}
             assert answers == ({"one", "two"} if passes else {"one"})
@@ -343,9 +337,9 @@ async def test_an_address_that_comes_back_is_pooled_again() -> None:
         ):
             upstream = server.current().upstreams["svc"]
             dns.set_a(NAME, ["127.0.0.2"])
-            await eventually(lambda: _true(len(upstream.targets) == 1))
+            await eventually(lambda: len(upstream.targets) == 1)
             dns.set_a(NAME, ["127.0.0.1", "127.0.0.2"])
-            await eventually(lambda: _true(len(upstream.targets) == 2))
+            await eventually(lambda: len(upstream.targets) == 2)
             before = one.connections
             for _ in range(20):
                 assert (await _ask(session, server))[0] == 200

@@ -677,7 +677,7 @@ async def test_a_request_arriving_as_a_connection_frees_queues_behind_those_wait
     try:
         first = await connector.connect(request(), [], timeout)
         waiter = asyncio.create_task(connector.connect(request(), [], timeout))
-        await eventually(lambda: _true(connector.waiting == 1))
+        await eventually(lambda: connector.waiting == 1)
         # A request arrives, and before it runs the connection is freed: its turn comes before
         # the woken waiter's (before the fix it took the connection, the waiter waited again).
         newcomer = asyncio.create_task(connector.connect(request(), [], timeout))
@@ -693,7 +693,3 @@ async def test_a_request_arriving_as_a_connection_frees_queues_behind_those_wait
     finally:
         await connector.close()
         await backend.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value

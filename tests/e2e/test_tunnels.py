@@ -98,15 +98,11 @@ async def test_websocket_text_binary_1mib_ping_close_subprotocol_and_deflate(pro
             pong = await ws.receive()
             assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"are you there")
             await ws.close(code=4001, message=b"bye")
-        await eventually(lambda: _true(seen))
+        await eventually(lambda: bool(seen))
         assert seen == [4001]
         await eventually(lambda: _zero_open(server))  # the tunnel's request is finished
         assert await metric(server, "proxy_tunnels_total", result="upgraded") == 1
         assert await metric(server, "proxy_tunnel_bytes_total", direction="upstream") > 1 << 20
-
-
-async def _true(value: list[Any]) -> bool:
-    return bool(value)
 
 
 async def _zero_open(server: ProxyServer) -> bool:
