@@ -6,7 +6,7 @@ Owns what operators, Prometheus and orchestrators ask the proxy; knows nothing o
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -113,9 +113,11 @@ def admin_app(
     current: Callable[[], Snapshot],
     reload: Callable[[], Awaitable[tuple[bool, str]]],
     guard: AdminGuard,
+    routes: Iterable[web.RouteDef] = (),
 ) -> web.Application:
     """`state()` is "starting", "serving" or "draining"; `reload()` re-reads the config file;
-    `guard` decides who may ask (guard.py)."""
+    `guard` decides who may ask (guard.py); `routes` are the pages of other modules (the status
+    page, the pool advice)."""
 
     async def readyz(request: web.Request) -> web.Response:
         now = state()
@@ -132,4 +134,5 @@ def admin_app(
     app.router.add_get("/pools", pools)
     # prometheus-client's own handler: it negotiates OpenMetrics and compression.
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_routes(routes)
     return app

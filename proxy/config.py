@@ -137,6 +137,9 @@ class Pool:
     max_requests: int = key(non_negative_int, 0)  # a connection closes after this many (0 = no)
     max_age: float = key(non_negative_seconds, 0.0)  # s, ±10% jitter, closed once idle (0 = no)
     min_idle: int = key(non_negative_int, 0)  # warm connections kept open per target
+    # Connections the backend accepts from all proxies together (0 = not known): the pool
+    # advice (advice.py) checks replicas x workers x limit against it.
+    backend_budget: int = key(non_negative_int, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +494,15 @@ def workers_count(value: Any, path: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Reload:
+    """A reload's verification (rollback.py): for `verify` seconds after it, each changed or
+    added route and upstream whose error ratio exceeds `max_error_ratio` rolls it back."""
+
+    verify: float = key(non_negative_seconds, 0.0)  # s, 0 = off
+    max_error_ratio: float = key(fraction, 0.05)
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLog:
     format: str = key(one_of("json", "text"), "json")
     enabled: bool = key(boolean, True)
@@ -510,6 +522,7 @@ class Config:
     event_loop: str = key(one_of("asyncio", "uvloop"), "asyncio")
     request_id: RequestId = key(section(RequestId), RequestId())
     trace_context: bool = key(boolean, True)  # W3C traceparent: continue or start a trace
+    reload: Reload = key(section(Reload), Reload())  # verify a reload, roll it back if it fails
 
 
 def _check_together(config: Config) -> None:

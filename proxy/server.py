@@ -36,6 +36,7 @@ from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.policy import route_policies
 from proxy.ratelimit import RateLimits, worker_count
+from proxy.recent import Recent
 from proxy.reload import describe_changes
 from proxy.routing import RoutingTable
 from proxy.snapshot import Snapshot
@@ -155,6 +156,11 @@ class ProxyServer:
             certificate_expiry=self._certificate_expiry,
         )
         self._prepare_metrics(config)
+        self.recent = Recent()  # the last minute by route, upstream and target (recent.py)
+
+    def _admin_routes(self) -> list[web.RouteDef]:
+        """The admin pages beyond admin.py's own."""
+        return []
 
     def _prepare_metrics(self, config: Config) -> None:
         self.metrics.prepare(
@@ -184,8 +190,10 @@ class ProxyServer:
         return self._snapshot
 
     def _observe(self, exchange: Exchange) -> None:
-        """Every request ends here, once: metrics, then the access log."""
+        """Every request ends here, once: metrics, the last minute's outcomes, then the
+        access log."""
         self.metrics.record(exchange)
+        self.recent.record(exchange)
         if self.access_log is not None:
             self.access_log.write(exchange)
 
@@ -214,6 +222,7 @@ class ProxyServer:
                 self.current,
                 self.reload,
                 self.admin_guard,
+                self._admin_routes(),
             ),
             access_log=None,
         )

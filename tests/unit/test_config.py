@@ -59,7 +59,8 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             "upstreams.api.pool.limt",
             5,
             "upstreams.api.pool: unknown key 'limt' "
-            "(known: limit, limit_per_host, keepalive_timeout, max_requests, max_age, min_idle)",
+            "(known: limit, limit_per_host, keepalive_timeout, max_requests, max_age, min_idle, "
+            "backend_budget)",
         ),
         (
             "upstreams.api.pool.keepalive_timeout",
@@ -149,7 +150,7 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
             {},
             "config: unknown key 'listn' "
             "(known: upstreams, routes, listen, admin, access_log, shutdown, workers, event_loop, "
-            "request_id, trace_context)",
+            "request_id, trace_context, reload)",
         ),
         ("upstreams.api.pool", 5, "upstreams.api.pool: must be a mapping, got 5"),
         (

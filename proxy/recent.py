@@ -1,0 +1,140 @@
+"""What happened in the last minute: requests, errors and latency by route, upstream and target,
+in one-second slots.
+
+The status page (status.py) shows the last 10 s of it; a reload's verification (rollback.py)
+compares a changed route's or upstream's error ratio after the reload with its ratio before.
+Prometheus keeps the long history; this is the proxy's own short memory, for answers it gives
+itself. Fed once per finished request (`record`), from `ProxyServer._observe`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from proxy.config import LATENCY_BUCKETS
+from proxy.exchange import Exchange
+
+SPAN = 60  # seconds kept
+
+# What a tally counts: ("route", name), ("upstream", name) or ("target", upstream, url).
+Key = tuple[str, ...]
+
+
+class _Tally:
+    __slots__ = ("errors", "latency", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+
+
+def failed(e: Exchange) -> bool:
+    """A request the proxy or its upstream failed: a 5xx, or an upstream error (a client that
+    went away, 499, is not one; a 429 from the route's rate limit is an answer, not a failure)."""
+    return e.status >= 500 or (e.error is not None and e.status != 499)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """One key's sums over some seconds."""
+
+    requests: int
+    errors: int
+    latency: tuple[int, ...]  # counts per LATENCY_BUCKETS bound, the last above them all
+    seconds: int
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def error_ratio(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile of latency, interpolated within its bucket as Prometheus's
+        histogram_quantile does; the top bound when it falls above every bound."""
+        total = sum(self.latency)
+        if not total:
+            return None
+        rank, seen = q * total, 0
+        for i, count in enumerate(self.latency):
+            if count and seen + count >= rank:
+                if i == len(LATENCY_BUCKETS):
+                    return LATENCY_BUCKETS[-1]
+                low = LATENCY_BUCKETS[i - 1] if i else 0.0
+                return low + (LATENCY_BUCKETS[i] - low) * (rank - seen) / count
+            seen += count
+        return LATENCY_BUCKETS[-1]
+
+
+_NOTHING = Totals(0, 0, (0,) * (len(LATENCY_BUCKETS) + 1), 0)
+
+
+class Recent:
+    """The last SPAN seconds of outcomes, one slot per second of `clock`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._slots: deque[tuple[int, dict[Key, _Tally]]] = deque()
+        self._second = -1
+        self._current: dict[Key, _Tally] = {}
+
+    def _slot(self) -> dict[Key, _Tally]:
+        second = int(self._clock())
+        if second != self._second:
+            self._second = second
+            self._current = {}
+            self._slots.append((second, self._current))
+            while self._slots[0][0] <= second - SPAN:  # older than the window: forgotten
+                self._slots.popleft()
+        return self._current
+
+    def record(self, e: Exchange) -> None:
+        """Count one finished request: the hot path, three dict lookups and a bisect."""
+        slot = self._slot()
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, e.duration)
+        error = failed(e)
+        keys: tuple[Key, ...] = (("route", e.route),)
+        if e.upstream:
+            keys = (("route", e.route), ("upstream", e.upstream),
+                    ("target", e.upstream, e.upstream_target))  # fmt: skip
+        for key in keys:
+            tally = slot.get(key)
+            if tally is None:
+                tally = slot[key] = _Tally()
+            tally.requests += 1
+            tally.errors += error
+            tally.latency[bucket] += 1
+
+    def totals(self, key: Key, seconds: int, until: float | None = None) -> Totals:
+        """`key`'s sums over the `seconds` whole seconds before `until` (default: now; the
+        second in progress is left out, so a rate is never measured over a fraction)."""
+        return self.combined([key], seconds, until)
+
+    def combined(self, keys: Iterable[Key], seconds: int, until: float | None = None) -> Totals:
+        """The sums of several keys over the same seconds."""
+        end = int(self._clock() if until is None else until)
+        start = end - seconds
+        wanted = list(keys)
+        requests = errors = 0
+        latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        for second, slot in self._slots:
+            if not start <= second < end:
+                continue
+            for key in wanted:
+                tally = slot.get(key)
+                if tally is not None:
+                    requests += tally.requests
+                    errors += tally.errors
+                    for i, count in enumerate(tally.latency):
+                        latency[i] += count
+        if not seconds:
+            return _NOTHING
+        return Totals(requests, errors, tuple(latency), seconds)
