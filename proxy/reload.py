@@ -11,6 +11,16 @@ from typing import Any
 
 from proxy.config import Config, show
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """The last reload: what the status page shows beside the config hash."""
+
+    result: str  # "success", "failure" or "rolled_back" (proxy_config_reloads_total's label)
+    time: float  # wall clock
+    message: str  # what changed, or why it was refused or rolled back
+
+
 # Top-level keys a running proxy cannot apply (its listeners, threads and processes exist).
 RESTART_KEYS = ("listen", "admin", "access_log", "shutdown", "workers", "event_loop")
 

@@ -37,7 +37,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.policy import route_policies
 from proxy.ratelimit import RateLimits, worker_count
 from proxy.recent import Recent
-from proxy.reload import describe_changes
+from proxy.reload import ReloadOutcome, describe_changes
 from proxy.routing import RoutingTable
 from proxy.snapshot import Snapshot
 from proxy.tls import tls_files_stamp
@@ -157,6 +157,7 @@ class ProxyServer:
         )
         self._prepare_metrics(config)
         self.recent = Recent()  # the last minute by route, upstream and target (recent.py)
+        self.last_reload: ReloadOutcome | None = None
 
     def _admin_routes(self) -> list[web.RouteDef]:
         """The admin pages beyond admin.py's own."""
@@ -322,6 +323,7 @@ class ProxyServer:
             except ConfigError as exc:
                 self.metrics.reloads["failure"] += 1
                 log.error("reload rejected, still serving the previous config: %s", exc)
+                self.last_reload = ReloadOutcome("failure", time.time(), str(exc))
                 return False, str(exc)
             old = self.current()
             for name, upstream in snapshot.upstreams.items():
@@ -341,6 +343,7 @@ class ProxyServer:
             self.metrics.reloads["success"] += 1
             self._prepare_metrics(new)
             log.info("config reloaded: %s", "; ".join(changes))
+            self.last_reload = ReloadOutcome("success", time.time(), "; ".join(changes))
             return True, "; ".join(changes)
 
     async def _retire(self, upstream: Upstream) -> None:
