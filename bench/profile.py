@@ -45,7 +45,7 @@ from run import (  # bench/run.py, beside this script
 )
 
 TARGETS = [*(v for v in PROXY_VARIANTS if v not in ("baseline", "proxy-2w")), *MINIMAL_VARIANTS]
-PATHS = {"small": "/small", "16KiB": "/large"}
+PATHS = {"small": "/small", "16KiB": "/large", "1GiB": "/huge"}  # 1GiB: with --clients 1
 TOP = 15
 SCAFFOLDING = 0.995  # frames in at least this share of busy samples
 

@@ -14,7 +14,8 @@ Every proxy (this one, minimal, nginx and HAProxy) is pinned to one core; wrk to
 
 Reports, per case: requests/s, p50/p99 latency, each proxy's CPU microseconds per request (from
 /proc/PID/stat), and the backend connections opened during the run (nginx stub_status). Then a
-1 GiB download and a 1 GiB upload through the proxy, with its peak RSS before and after.
+1 GiB download and a 1 GiB upload through the proxy and through nginx (MB/s ratio), with RSS
+before and after; for proxy-2w, how evenly SO_REUSEPORT spread the requests over its workers.
 Every server listens on 127.0.0.1 and is stopped by PID at the end.
 """
 
@@ -158,6 +159,21 @@ http {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+        }}
+        # The 1 GiB transfers, streamed as the proxy streams them: the download through
+        # memory buffers only (no temp file), the upload unbuffered and chunked to the sink.
+        location = /huge {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_max_temp_file_size 0;
+        }}
+        location = /upload {{
+            proxy_pass http://127.0.0.1:{ports.sink};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            client_max_body_size 0;
         }}
     }}
 }}
@@ -313,6 +329,7 @@ class Run:
     errors: int
     cpu_us_per_request: float | None
     backend_connections: int
+    per_worker: tuple[int, ...] = ()  # proxy-2w: the requests each worker served in the run
 
 
 def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, int, int]:
@@ -357,6 +374,7 @@ class Bench:
         self.baseline = baseline  # a checkout of another revision, run as target "baseline"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.targets: dict[str, tuple[int, list[int]]] = {}  # name -> (port, PIDs to charge)
+        self.admin_ports: dict[str, int] = {}  # the proxy variants' admin listeners
 
     def start(self, targets: list[str]) -> None:
         """Start the backend, the sink and every server that `targets` name; wait until each
@@ -424,6 +442,7 @@ class Bench:
             )
         self.procs.append(proxy)
         self.targets[name] = (port, [proxy.pid])
+        self.admin_ports[name] = admin_port
         return name, f"http://127.0.0.1:{admin_port}/readyz", proxy, log
 
     def _start_minimal(self, name: str) -> tuple[str, str, subprocess.Popen[bytes], Path]:
@@ -475,11 +494,13 @@ class Bench:
         pids = self.targets[target][1]
         if target == "proxy-2w":
             pids = [*pids, *descendants(pids[0])]  # the workers, however often restarted
+        served_before = self.served_per_worker(target)
         cpu_before = sum(cpu_seconds(p) for p in pids)
         accepts_before = backend_accepts(self.ports.backend_status)
         rps, p50, p99, requests, errors = wrk(self.url(target, path), clients, duration)
         cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
         opened = backend_accepts(self.ports.backend_status) - accepts_before - 1  # minus ours
+        served = self.served_per_worker(target)
         return Run(
             rps,
             p50,
@@ -488,20 +509,33 @@ class Bench:
             errors,
             cpu / requests * 1e6 if pids and requests else None,
             opened,
+            tuple(after - before for after, before in zip(served, served_before, strict=True)),
         )
 
-    def transfer(self) -> dict[str, float]:
-        """1 GiB down and 1 GiB up through the proxy, with its RSS around them."""
-        before = rss_mib(self.targets["proxy"][1][0])
+    def served_per_worker(self, target: str) -> tuple[int, ...]:
+        """proxy-2w: the requests each worker has sent to the backend so far (the supervisor's
+        /pools lists every worker's pools); () for the other targets."""
+        if target != "proxy-2w":
+            return ()
+        url = f"http://127.0.0.1:{self.admin_ports[target]}/pools"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            workers = json.loads(response.read())["workers"]
+        return tuple(w["upstreams"]["backend"]["requests"] for w in workers)
+
+    def transfer(self, target: str) -> dict[str, float]:
+        """1 GiB down and 1 GiB up through `target`, with its RSS around them (of its first
+        process: the proxy, or nginx's one worker)."""
+        pid = self.targets[target][1][0]
+        before = rss_mib(pid)
         started = time.monotonic()
         subprocess.run(
-            ["curl", "-sS", "-o", "/dev/null", self.url("proxy", "/huge")], check=True, timeout=600
+            ["curl", "-sS", "-o", "/dev/null", self.url(target, "/huge")], check=True, timeout=600
         )
         down_s = time.monotonic() - started
         started = time.monotonic()
         received = subprocess.run(
             # chunked, as curl sends stdin: the proxy re-chunks it upstream
-            f"head -c {1024**3} /dev/zero | curl -sS -T - {self.url('proxy', '/upload')}",
+            f"head -c {1024**3} /dev/zero | curl -sS -T - {self.url(target, '/upload')}",
             shell=True,
             check=True,
             timeout=600,
@@ -513,8 +547,8 @@ class Bench:
         up_s = time.monotonic() - started
         return {
             "rss_before_mib": before,
-            "peak_rss_after_mib": peak_rss_mib(self.targets["proxy"][1][0]),
-            "rss_after_mib": rss_mib(self.targets["proxy"][1][0]),
+            "peak_rss_after_mib": peak_rss_mib(pid),
+            "rss_after_mib": rss_mib(pid),
             "download_mib_s": 1024 / down_s,
             "upload_mib_s": 1024 / up_s,
         }
@@ -531,6 +565,22 @@ def median_run(runs: list[Run]) -> Run:
         cpu_us_per_request=statistics.median(cpu) if cpu else None,
         backend_connections=max(r.backend_connections for r in runs),
     )
+
+
+def worker_spread(samples: dict[tuple[str, int, str], list[Run]]) -> str:
+    """SO_REUSEPORT's spread of requests over proxy-2w's workers: per case, the worst run's
+    largest distance of one worker's count from the workers' mean, in percent."""
+    cases = []
+    for (body, clients, target), runs in samples.items():
+        spreads = [
+            max(abs(n - statistics.mean(run.per_worker)) for n in run.per_worker)
+            / statistics.mean(run.per_worker)
+            for run in runs
+            if target == "proxy-2w" and run.per_worker and sum(run.per_worker)
+        ]
+        if spreads:
+            cases.append(f"{body}/{clients} ±{max(spreads):.0%}")
+    return ", ".join(cases)
 
 
 def minimal_for(target: str, targets: list[str]) -> str:
@@ -663,10 +713,11 @@ def main() -> int:
                         )
                         run = bench.measure(target, paths[body], clients, args.duration)
                         samples.setdefault((body, clients, target), []).append(run)
-            transfer = None
-            if not args.no_transfer and "proxy" in targets:
-                print("1 GiB download and upload through the proxy...", file=sys.stderr)
-                transfer = bench.transfer()
+            transfers = {}
+            for target in ("proxy", "proxy-uvloop", "nginx") if not args.no_transfer else ():
+                if target in targets:
+                    print(f"1 GiB download and upload through {target}...", file=sys.stderr)
+                    transfers[target] = bench.transfer(target)
         finally:
             bench.stop()
 
@@ -683,12 +734,26 @@ def main() -> int:
             "aiohttp proxy) in the same case: over minimal-uvloop's for *-uvloop targets when it\n"
             "ran, else over minimal's (asyncio). Below 1: less CPU per request than minimal."
         )
-    if transfer:
+    for target, transfer in transfers.items():
         print(
-            f"\n1 GiB transfers through the proxy: RSS {transfer['rss_before_mib']:.0f} MiB "
+            f"\n1 GiB transfers through {target}: RSS {transfer['rss_before_mib']:.0f} MiB "
             f"before, {transfer['rss_after_mib']:.0f} MiB after, peak "
             f"{transfer['peak_rss_after_mib']:.0f} MiB; download "
             f"{transfer['download_mib_s']:.0f} MiB/s, upload {transfer['upload_mib_s']:.0f} MiB/s"
+        )
+    nginx = transfers.get("nginx")
+    for target, transfer in transfers.items():
+        if nginx is not None and target != "nginx":
+            print(
+                f"{target}: MB/s vs nginx: download "
+                f"{transfer['download_mib_s'] / nginx['download_mib_s']:.2f}, "
+                f"upload {transfer['upload_mib_s'] / nginx['upload_mib_s']:.2f}"
+            )
+    spread = worker_spread(samples)
+    if spread:
+        print(
+            "\nproxy-2w requests per worker (each run's, from the supervisor's /pools): the "
+            "largest distance from the workers' mean, per case: " + spread
         )
     if args.json:
         args.json.write_text(
@@ -698,7 +763,7 @@ def main() -> int:
                         {"body": b, "clients": c, "target": t, **asdict(r)}
                         for (b, c, t), r in results.items()
                     ],
-                    "transfer": transfer,
+                    "transfers": transfers,
                 },
                 indent=2,
             )
