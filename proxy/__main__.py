@@ -10,10 +10,11 @@ import logging
 import sys
 
 from proxy import __version__
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, load_config, read_config
 from proxy.guard import load_policy
 from proxy.loops import loop_factory, run
 from proxy.reload import describe_changes
+from proxy.rollback import describe_watch
 from proxy.tls import check_files
 
 EXIT_CONFIG_ERROR = 2
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("proxy: --diff goes with --check", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        config = load_config(args.config)
+        config, source = read_config(args.config)
         check_files(config, strict=args.check)  # serving, an expired certificate is a warning
         load_policy(config.admin)  # admin.token_file: readable and not empty
         loop_factory(config.event_loop)  # event_loop: uvloop is installed
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: {len(config.upstreams)} upstreams, {len(config.routes)} routes")
         if running is not None:
             print("\n".join(describe_changes(running, config)))
+            # What a reload with FILE's reload.verify would watch, and roll back if it fails.
+            watch = describe_watch(running, config, config.reload.verify)
+            if watch is not None:
+                print(watch)
         return 0
 
     logging.basicConfig(
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if config.workers != 1:
-            return supervise(config, args.config)
+            return supervise(config, args.config, source)
         run(config.event_loop, lambda: serve(config, args.config))
     except StartupError as exc:
         print(f"proxy: {exc}", file=sys.stderr)

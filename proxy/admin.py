@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.guard import AdminGuard
+from proxy.rollback import Verification, verify_seconds
 from proxy.snapshot import Snapshot
 
 
@@ -96,22 +97,47 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def reload_handler(
-    reload: Callable[[], Awaitable[tuple[bool, str]]],
+    reload: Callable[[float | None], Awaitable[tuple[bool, str]]],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """POST /reload: 200 and what changed, or 400 and the config error line."""
+    """POST /reload: 200 and what changed, or 400 and the config error line. `?verify=30`:
+    watch it for 30 s (rollback.py); answered at once, the verdict is logged."""
 
     async def handler(request: web.Request) -> web.Response:
-        applied, message = await reload()
+        verify = None
+        if "verify" in request.query:
+            try:
+                verify = verify_seconds(request.query["verify"])
+            except ValueError as exc:
+                return web.Response(status=400, text=f"{exc}\n")
+        applied, message = await reload(verify)
         return web.Response(status=200 if applied else 400, text=message + "\n")
 
     return handler
+
+
+def verification_routes(
+    verification: Callable[[], Verification | None],
+    roll_back: Callable[[str], Awaitable[tuple[bool, str]]],
+) -> list[web.RouteDef]:
+    """A worker's, for its supervisor only (workers.py): the state of the last reload's watch,
+    and rolling it back when another worker did."""
+
+    async def state(request: web.Request) -> web.Response:
+        found = verification()
+        return web.json_response({"state": found.state if found else "unwatched"})
+
+    async def rollback(request: web.Request) -> web.Response:
+        done, message = await roll_back(request.query.get("why", "asked by the supervisor"))
+        return web.Response(status=200 if done else 409, text=message + "\n")
+
+    return [web.get("/reload/verification", state), web.post("/reload/rollback", rollback)]
 
 
 def admin_app(
     state: Callable[[], str],
     registry: CollectorRegistry,
     current: Callable[[], Snapshot],
-    reload: Callable[[], Awaitable[tuple[bool, str]]],
+    reload: Callable[[float | None], Awaitable[tuple[bool, str]]],
     guard: AdminGuard,
     routes: Iterable[web.RouteDef] = (),
 ) -> web.Application:

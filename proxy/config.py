@@ -493,12 +493,20 @@ def workers_count(value: Any, path: str) -> int:
     return int(value)
 
 
+def verify_seconds(value: Any, path: str) -> float:
+    """reload.verify: seconds from 0 to an hour, as POST /reload?verify= takes (rollback.py)."""
+    seconds = non_negative_seconds(value, path)
+    if seconds > 3600:
+        raise _fail(path, "must be a number of seconds from 0 to 3600", value)
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Reload:
     """A reload's verification (rollback.py): for `verify` seconds after it, each changed or
     added route and upstream whose error ratio exceeds `max_error_ratio` rolls it back."""
 
-    verify: float = key(non_negative_seconds, 0.0)  # s, 0 = off
+    verify: float = key(verify_seconds, 0.0)  # s, 0 = off
     max_error_ratio: float = key(fraction, 0.05)
 
 
@@ -689,10 +697,17 @@ def parse_yaml(source: str, filename: str) -> Any:
 def load_config(path: str | Path) -> Config:
     """Read, parse, substitute `${VAR}`s (variables.py) and validate a config file; every
     failure is a one-line ConfigError."""
+    return read_config(path)[0]
+
+
+def read_config(path: str | Path) -> tuple[Config, bytes]:
+    """load_config, and the bytes it read: what the supervisor restores after a rollback
+    (workers.py), read once (the file may be a pipe)."""
     try:
-        source = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
+        source = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{path}: cannot read config file: {reason}") from None
     # ${VAR} after parsing and before validation: at start-up and at every reload.
-    return parse_config(substitute(parse_yaml(source, str(path)), os.environ))
+    return parse_config(substitute(parse_yaml(source, str(path)), os.environ)), data

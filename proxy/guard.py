@@ -1,11 +1,13 @@
 """Who may use the admin listener: the Host names it answers to (against DNS rebinding), the
-bearer token (admin.token_file), and the header a state-changing request must carry (against
-cross-site requests). Pure decisions: admin.py answers the refusals. Knows nothing of aiohttp
-(`--check` reads the token file without it) nor of what the admin endpoints do.
+token (admin.token_file: a bearer token, or a browser's Basic password), and the header a
+state-changing request must carry (against cross-site requests). Pure decisions: admin.py
+answers the refusals. Knows nothing of aiohttp (`--check` reads the token file without it) nor
+of what the admin endpoints do.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 from collections.abc import Mapping
@@ -16,7 +18,11 @@ from proxy.config import Admin, ConfigError
 
 # Orchestrators' probes: they reveal nothing and change nothing, and a kubelet carries no token.
 PROBES = frozenset({"/healthz", "/readyz"})
-UNAUTHORIZED_REASONS = ("missing", "wrong")  # no bearer token; a token that is not the one
+UNAUTHORIZED_REASONS = ("missing", "wrong")  # no token offered; a token that is not the one
+# A browser cannot send a bearer token when it navigates: asked with this challenge, it prompts
+# for a user name and password and sends them with every request to the listener (the status
+# page's fetches too). RFC 7617 §2.1: charset says the password is sent as UTF-8.
+BASIC_CHALLENGE = 'Basic realm="proxy admin", charset="UTF-8"'
 # A header a browser sends cross-site only after a CORS preflight, which the admin listener
 # never grants: a page cannot fire POST /reload with a form or a no-cors fetch (Fetch standard,
 # "CORS-safelisted request-header").
@@ -87,13 +93,38 @@ def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
 
 
 def unauthorized(authorization: str | None, token: bytes) -> str | None:
-    """None when `authorization` is "Bearer <token>"; else why not (UNAUTHORIZED_REASONS)."""
+    """None when `authorization` is "Bearer <token>", or Basic credentials whose password is the
+    token (any user name: a browser's prompt asks for one); else why not (UNAUTHORIZED_REASONS)."""
     scheme, _, credentials = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():  # RFC 9110 §11.1: any case
+    scheme, credentials = scheme.lower(), credentials.strip()  # RFC 9110 §11.1: any case
+    if scheme == "bearer" and credentials:
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives them back.
+        offered: bytes | None = credentials.encode("utf-8", "surrogateescape")
+    else:
+        offered = basic_password(credentials) if scheme == "basic" else None
+    if offered is None:
         return "missing"
-    # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives them back.
-    offered = credentials.strip().encode("utf-8", "surrogateescape")
     return None if hmac.compare_digest(offered, token) else "wrong"
+
+
+def basic_password(credentials: str) -> bytes | None:
+    """The password in Basic credentials (base64 of "user:password", RFC 7617 §2), or None when
+    they are not that."""
+    try:
+        decoded = base64.b64decode(credentials.encode("ascii"), validate=True)
+    except ValueError:  # not ASCII, or not base64 (binascii.Error is a ValueError)
+        return None
+    _, colon, password = decoded.partition(b":")
+    return password if colon else None
+
+
+def from_a_browser(method: str, path: str, headers: Mapping[str, str]) -> bool:
+    """A request a browser made by navigating (the status page, `GET /`, or any page asked for
+    as HTML without credentials): its 401 asks for Basic, so that the browser prompts. Scripts
+    and Prometheus keep the Bearer challenge."""
+    if method in ("GET", "HEAD") and path == "/":
+        return True
+    return "Authorization" not in headers and "text/html" in headers.get("Accept", "")
 
 
 class AdminGuard:
@@ -118,6 +149,11 @@ class AdminGuard:
             reason = unauthorized(headers.get("Authorization"), policy.token)
             if reason is not None:
                 self.unauthorized[reason] += 1
+                if from_a_browser(method, path, headers):
+                    return Refusal(
+                        401, "the admin token is required (admin.token_file): as the password, "
+                        "any user name", {"WWW-Authenticate": BASIC_CHALLENGE},
+                    )  # fmt: skip
                 return Refusal(
                     401, "a bearer token is required (admin.token_file)",
                     {"WWW-Authenticate": "Bearer"},

@@ -4,11 +4,13 @@ down, and each gauge aggregated by what it means. Pure: knows nothing of process
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from proxy.advice import COMBINE
 
 # Gauges that are not summed across workers. Every counter and histogram is summed: a reload
 # counts once per worker, as each worker applies (or rejects) the file on its own.
@@ -24,6 +26,9 @@ GAUGE_AGGREGATION = {
     # The earliest: a worker that failed to load a renewed certificate still serves the old one.
     "proxy_tls_certificate_expiry_timestamp_seconds": min,
 }
+# Gauges aggregated by the value of one label, the others as above: each worker advises its own
+# pool's settings, combined per setting as GET /pools/advice combines them (advice.py).
+GAUGE_AGGREGATION_BY_LABEL = {"proxy_upstream_pool_advice": ("setting", COMBINE)}
 TOTALS = frozenset({"counter", "histogram", "summary"})  # families whose samples only grow
 
 Labels = tuple[tuple[str, str], ...]  # sorted
@@ -60,8 +65,10 @@ class Merger:
             if kind in TOTALS:
                 values = self._totals(name)
             else:
-                how = GAUGE_AGGREGATION.get(name, sum)
-                values = {series: how(found) for series, found in gauges.get(name, {}).items()}
+                values = {
+                    series: _aggregation(name, series[1])(found)
+                    for series, found in gauges.get(name, {}).items()
+                }
             if values:
                 metric = Metric(name, documentation, kind)
                 for (sample, labels), value in sorted(values.items(), key=_exposition_order):
@@ -100,6 +107,17 @@ class Merger:
             for series, value in totals.get(name, {}).items():
                 values[series] = values.get(series, 0.0) + value
         return values
+
+
+def _aggregation(name: str, labels: Labels) -> Callable[[list[float]], float]:
+    """How the workers' samples of one gauge series become one."""
+    by_label = GAUGE_AGGREGATION_BY_LABEL.get(name)
+    if by_label is not None:
+        label, hows = by_label
+        how = hows.get(dict(labels).get(label, ""))
+        if how is not None:
+            return how
+    return GAUGE_AGGREGATION.get(name, sum)
 
 
 def _exposition_order(item: tuple[Series, float]) -> tuple[Labels, str, float]:

@@ -96,6 +96,7 @@ class ProxyMetrics:
         proxy_protocol_errors: Callable[[], Mapping[str, int]] = dict,
         admin_unauthorized: Callable[[], Mapping[str, int]] = dict,
         certificate_expiry: Callable[[], Mapping[str, float]] = dict,
+        pool_advice: Callable[[], Iterable[tuple[str, str, float]]] = tuple,
     ) -> None:
         self.current = current
         self.client_connections = client_connections
@@ -105,13 +106,14 @@ class ProxyMetrics:
         self.access_log_dropped = access_log_dropped
         self.admin_unauthorized = admin_unauthorized
         self.certificate_expiry = certificate_expiry  # notAfter by key path, e.g. listen.tls.cert
+        self.pool_advice = pool_advice  # (upstream, setting, recommended value): advice.py
         self.requests: dict[tuple[str, str, str, int], int] = {}
         self.tunnels: dict[tuple[str, str, str], int] = {}  # (route, upstream, result)
         self.rate_limited: dict[str, int] = {}  # by route: answered 429 by its rate_limit
         self.redirects: dict[tuple[str, int], int] = {}  # (route, status) of redirect routes
         self.durations: dict[tuple[str, str], Buckets] = {}
         self.upstreams: dict[str, _Upstream] = {}
-        self.reloads = {"success": 0, "failure": 0}
+        self.reloads = {"success": 0, "failure": 0, "rolled_back": 0}  # rollback.py
         self.last_reload_success = 0.0  # wall clock of the last config applied (start-up too)
         self.config_hash = ""
         self.registry = CollectorRegistry()
@@ -264,6 +266,15 @@ class _Exposition(Collector):
             redirects.add_metric([route, str(code)], count)
         yield redirects
         yield from _pool_families(m.current())
+        advice = GaugeMetricFamily(
+            "proxy_upstream_pool_advice",
+            "The value GET /pools/advice recommends for each pool setting (limit, max_pending, "
+            "keepalive_timeout), from the last 10 minutes of the pool.",
+            labels=("upstream", "setting"),
+        )
+        for upstream, setting, value in m.pool_advice():
+            advice.add_metric([upstream, setting], value)
+        yield advice
         yield GaugeMetricFamily(
             "proxy_client_connections", "Open client connections.", m.client_connections()
         )

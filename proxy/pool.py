@@ -25,6 +25,8 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
+from proxy.advice import PoolWindow
+
 log = logging.getLogger("proxy")
 
 # Why an upstream connection was closed instead of being reused.
@@ -202,6 +204,7 @@ class PoolConnector(aiohttp.TCPConnector):
         # Every close, by reason. Not `closed`: aiohttp's BaseConnector.closed is a bool that
         # ClientSession.closed reads (a non-empty dict there makes every request fail).
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)
+        self.window = PoolWindow()  # the last 10 minutes of the pool, for its sizing advice
         self._stray_logged = -_STRAY_LOG_EVERY
         self._warm_logged: dict[str, float] = {}
         self._warming: asyncio.Task[None] | None = None
@@ -216,9 +219,11 @@ class PoolConnector(aiohttp.TCPConnector):
 
     async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:
         if self.max_pending and self.waiting >= self.max_pending:
+            self.window.refused()
             raise PoolFull(f"{self.waiting} requests already wait for a connection")
         acquisition = ACQUISITION.get(None) or Acquisition()
         self.waiting += 1
+        self.window.queued(self.waiting)
         self._waiting_for[key] = self._waiting_for.get(key, 0) + 1
         acquisition.queued = True
         started = time.monotonic()
@@ -232,7 +237,9 @@ class PoolConnector(aiohttp.TCPConnector):
                 self._waiting_for[key] = left
             else:
                 del self._waiting_for[key]
-            acquisition.waited += time.monotonic() - started
+            waited = time.monotonic() - started
+            acquisition.waited += waited
+            self.window.waited(waited)
 
     async def _get(self, key: Any, traces: Any) -> Any:
         # Skip idle connections past the idle timeout their upstream announced (Keep-Alive:
@@ -310,10 +317,13 @@ class PoolConnector(aiohttp.TCPConnector):
                 reason = "shutdown"  # made while the connector closed (aiohttp closes it)
             elif protocol.idle_since is not None:
                 reason = "remote"  # the upstream closed an idle connection (FIN or reset)
+                self.window.closed_idle(time.monotonic() - protocol.idle_since)
             else:  # the transport is closing by now: is_connected() is False
                 reason = self._failure_reason(protocol, exc)
             protocol.close_reason = reason
         self.closes[reason] += 1
+        if reason == "stale":
+            self.window.went_stale()
 
     def _discard_stray(self, protocol: GuardedResponseHandler) -> None:
         self.discarded["unsolicited_data"] += 1
@@ -335,6 +345,7 @@ class PoolConnector(aiohttp.TCPConnector):
         margin = min(1.0, seconds / 2)  # leave time for the request to reach the upstream
         if isinstance(protocol, GuardedResponseHandler):
             protocol.retire_at = time.monotonic() + seconds - margin
+        self.window.announced(seconds)
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> ResponseHandler:
         protocol = await super()._create_connection(req, traces, timeout)
@@ -359,6 +370,7 @@ class PoolConnector(aiohttp.TCPConnector):
             async with wait:
                 await self._wait_for_available_connection(req.connection_key, traces)
         connection = await super().connect(req, traces, timeout)
+        self.window.took(len(self._acquired))  # in use now, this one included: the peak
         protocol = connection.protocol
         reused = False
         if isinstance(protocol, GuardedResponseHandler):

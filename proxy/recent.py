@@ -20,8 +20,10 @@ from proxy.exchange import Exchange
 
 SPAN = 60  # seconds kept
 
-# What a tally counts: ("route", name), ("upstream", name) or ("target", upstream, url).
+# What is asked for: ("route", name), ("upstream", name) or ("target", upstream, url).
 Key = tuple[str, ...]
+# What a slot counts by: (route, upstream, target URL); "" where there is none (a redirect).
+_Triple = tuple[str, str, str]
 
 
 class _Tally:
@@ -82,11 +84,11 @@ class Recent:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._slots: deque[tuple[int, dict[Key, _Tally]]] = deque()
+        self._slots: deque[tuple[int, dict[_Triple, _Tally]]] = deque()
         self._second = -1
-        self._current: dict[Key, _Tally] = {}
+        self._current: dict[_Triple, _Tally] = {}
 
-    def _slot(self) -> dict[Key, _Tally]:
+    def _slot(self) -> dict[_Triple, _Tally]:
         second = int(self._clock())
         if second != self._second:
             self._second = second
@@ -97,21 +99,16 @@ class Recent:
         return self._current
 
     def record(self, e: Exchange) -> None:
-        """Count one finished request: the hot path, three dict lookups and a bisect."""
+        """Count one finished request: the hot path, one dict lookup and a bisect. The sums by
+        route, upstream and target are made when asked for (`combined`), not here."""
         slot = self._slot()
-        bucket = bisect.bisect_left(LATENCY_BUCKETS, e.duration)
-        error = failed(e)
-        keys: tuple[Key, ...] = (("route", e.route),)
-        if e.upstream:
-            keys = (("route", e.route), ("upstream", e.upstream),
-                    ("target", e.upstream, e.upstream_target))  # fmt: skip
-        for key in keys:
-            tally = slot.get(key)
-            if tally is None:
-                tally = slot[key] = _Tally()
-            tally.requests += 1
-            tally.errors += error
-            tally.latency[bucket] += 1
+        triple = (e.route, e.upstream, e.upstream_target)
+        tally = slot.get(triple)
+        if tally is None:
+            tally = slot[triple] = _Tally()
+        tally.requests += 1
+        tally.errors += failed(e)
+        tally.latency[bisect.bisect_left(LATENCY_BUCKETS, e.duration)] += 1
 
     def totals(self, key: Key, seconds: int, until: float | None = None) -> Totals:
         """`key`'s sums over the `seconds` whole seconds before `until` (default: now; the
@@ -128,9 +125,8 @@ class Recent:
         for second, slot in self._slots:
             if not start <= second < end:
                 continue
-            for key in wanted:
-                tally = slot.get(key)
-                if tally is not None:
+            for triple, tally in slot.items():
+                if any(_counts_for(key, triple) for key in wanted):
                     requests += tally.requests
                     errors += tally.errors
                     for i, count in enumerate(tally.latency):
@@ -138,3 +134,13 @@ class Recent:
         if not seconds:
             return _NOTHING
         return Totals(requests, errors, tuple(latency), seconds)
+
+
+def _counts_for(key: Key, triple: _Triple) -> bool:
+    """Whether a request counted by `triple` (route, upstream, target) counts for `key`."""
+    kind, *names = key
+    if kind == "route":
+        return names[0] == triple[0]
+    if kind == "upstream":
+        return names[0] == triple[1]
+    return (names[0], names[1]) == (triple[1], triple[2])

@@ -86,4 +86,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         changed = _differences(before, after, key)
         if changed:
             lines.append(f"{key} changed (applied at the next restart): " + "; ".join(changed))
+    # How this very reload is verified (rollback.py): applied by it, not at a restart.
+    verify = _differences(old.reload, new.reload, "reload")
+    lines += ["reload changed: " + "; ".join(verify)] if verify else []
     return sorted(lines, key=lambda line: (line.split(" ")[0], line)) or ["no changes"]

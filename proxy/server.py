@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -21,10 +22,10 @@ from typing import TextIO
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import tracing
+from proxy import advice, status, tracing
 from proxy.accept import GuardedListener, GuardedSite
 from proxy.accesslog import AccessLog
-from proxy.admin import admin_app
+from proxy.admin import admin_app, verification_routes
 from proxy.certificates import POLL_INTERVAL, ListenerCertificates
 from proxy.config import Config, ConfigError, load_config
 from proxy.deadlines import Deadlines
@@ -38,6 +39,7 @@ from proxy.policy import route_policies
 from proxy.ratelimit import RateLimits, worker_count
 from proxy.recent import Recent
 from proxy.reload import ReloadOutcome, describe_changes
+from proxy.rollback import InForce, Verification, describe_watch
 from proxy.routing import RoutingTable
 from proxy.snapshot import Snapshot
 from proxy.tls import tls_files_stamp
@@ -109,6 +111,7 @@ class ProxyServer:
         reuse_port: bool = False,
         certificate_poll: float = POLL_INTERVAL,
         split_random: random.Random | None = None,
+        started_from: str | None = None,  # read instead of config_path at start (worker.py)
     ) -> None:
         self.config = config
         # Draws the upstream of each `split` request (routing.py); a seeded one makes tests
@@ -154,16 +157,28 @@ class ProxyServer:
             access_log_dropped=lambda: self.access_log.dropped if self.access_log else 0,
             admin_unauthorized=lambda: self.admin_guard.unauthorized,
             certificate_expiry=self._certificate_expiry,
+            pool_advice=lambda: advice.gauge_values(self._snapshot, worker_count(self.config)),
         )
-        self._prepare_metrics(config)
+        self._prepare_metrics(config, config_hash(config, started_from or config_path))
         self.recent = Recent()  # the last minute by route, upstream and target (recent.py)
         self.last_reload: ReloadOutcome | None = None
+        # The last reload's watch (rollback.py): it may roll the reload back until the next one.
+        self._verification: Verification | None = None
 
     def _admin_routes(self) -> list[web.RouteDef]:
         """The admin pages beyond admin.py's own."""
-        return []
+        return [
+            *status.routes(status.Sources(
+                self.current, self.recent, lambda: self.state,
+                lambda: self.metrics.config_hash, lambda: self.last_reload,
+            )),
+            web.get("/pools/advice", advice.advice_handler(
+                self.current, lambda: worker_count(self.config))),
+        ]  # fmt: skip
 
-    def _prepare_metrics(self, config: Config) -> None:
+    def _prepare_metrics(
+        self, config: Config, digest: str | None = None, reloaded: bool = True
+    ) -> None:
         self.metrics.prepare(
             # Every upstream a route can send to (a split's all), "" for a redirect's.
             ((r.name, u) for r in config.routes for u in r.upstreams or ("",)),
@@ -171,8 +186,9 @@ class ProxyServer:
             limited=(r.name for r in config.routes if r.rate_limit is not None),
             redirects=((r.name, r.redirect.status) for r in config.routes if r.redirect),
         )  # fmt: skip
-        self.metrics.config_hash = config_hash(config, self.config_path)
-        self.metrics.last_reload_success = time.time()
+        self.metrics.config_hash = digest or config_hash(config, self.config_path)
+        if reloaded:  # a rollback is no successful reload
+            self.metrics.last_reload_success = time.time()
 
     def _certificate_expiry(self) -> dict[str, float]:
         """When each certificate in use expires, by its key: the listener's and the upstreams'
@@ -223,7 +239,7 @@ class ProxyServer:
                 self.current,
                 self.reload,
                 self.admin_guard,
-                self._admin_routes(),
+                [*self._admin_routes(), *self._worker_routes()],
             ),
             access_log=None,
         )
@@ -298,7 +314,7 @@ class ProxyServer:
             len(config.upstreams), len(config.routes),
         )  # fmt: skip
 
-    async def reload(self) -> tuple[bool, str]:
+    async def reload(self, verify: float | None = None) -> tuple[bool, str]:
         """Re-read the config file and apply it, or keep the running one if it is invalid.
 
         Upstreams whose settings did not change keep their sessions and warm connections; the
@@ -309,6 +325,10 @@ class ProxyServer:
         The listener's certificates, keys and client_ca are read again (and listen.tls's other
         keys applied) for new handshakes; connections already open keep theirs. Turning
         listen.tls on or off, like the rest of `listen`, takes a restart.
+
+        For `verify` seconds (POST /reload?verify=, else the new file's reload.verify) the
+        routes and upstreams it adds or changes are watched, and it may be rolled back
+        (rollback.py). A newer reload ends the watch: it is watched against what it replaces.
         """
         async with self._reload_lock:
             if self.config_path is None:
@@ -325,26 +345,122 @@ class ProxyServer:
                 log.error("reload rejected, still serving the previous config: %s", exc)
                 self.last_reload = ReloadOutcome("failure", time.time(), str(exc))
                 return False, str(exc)
-            old = self.current()
-            for name, upstream in snapshot.upstreams.items():
-                if old.upstreams.get(name) is not upstream:
-                    upstream.start()
-            self._snapshot = snapshot  # the swap: new requests see the new table from here
-            self.admin_guard.policy = admin_policy
-            if listening is not None and tls is not None and certificates is not None:
-                listening.use(tls, certificates)  # the next handshakes' certificates
-            for name, upstream in old.upstreams.items():
-                if snapshot.upstreams.get(name) is not upstream:
-                    task = asyncio.create_task(self._retire(upstream))
-                    self._retiring.add(task)
-                    task.add_done_callback(self._retiring.discard)
-            changes = describe_changes(self.config, new)
-            self.config = new
+            # A reload that is still watched goes on being watched, with this one (rollback.py).
+            running = self._verification
+            if running is not None:
+                await running.stop()
+                running = running if running.watching else None
+            previous = self._in_force()
+            reloaded = InForce(
+                new, admin_policy, (tls, certificates) if tls and certificates else None,
+                config_hash(new, self.config_path),
+            )  # fmt: skip
+            message = "; ".join(self._apply(reloaded, snapshot))
             self.metrics.reloads["success"] += 1
-            self._prepare_metrics(new)
-            log.info("config reloaded: %s", "; ".join(changes))
-            self.last_reload = ReloadOutcome("success", time.time(), "; ".join(changes))
-            return True, "; ".join(changes)
+            seconds = new.reload.verify if verify is None else verify
+            verification = Verification(
+                previous, new, seconds, self.recent, self._verdict, follows=running
+            )
+            self._verification = verification
+            watch = describe_watch(  # None when there is nothing to verify
+                verification.previous.config, new, verification.seconds_left if running else seconds
+            )
+            if watch is not None:
+                message += "; " + watch
+            if verification.due and (seconds > 0 or running is not None):
+                verification.start()
+            log.info("config reloaded: %s", message)
+            self.last_reload = ReloadOutcome("success", time.time(), message)
+            return True, message
+
+    def _in_force(self) -> InForce:
+        listening = self._certificates
+        return InForce(
+            self.config, self.admin_guard.policy,
+            (listening.tls, listening.current) if listening is not None else None,
+            self.metrics.config_hash,
+        )  # fmt: skip
+
+    def _apply(self, state: InForce, snapshot: Snapshot, reloaded: bool = True) -> list[str]:
+        """Swap in `snapshot`, built from `state`, and retire the upstreams it replaced: the
+        step a reload and a rollback (not `reloaded`) share. Returns what changed."""
+        old = self.current()
+        for name, upstream in snapshot.upstreams.items():
+            if old.upstreams.get(name) is not upstream:
+                upstream.start()
+        self._snapshot = snapshot  # the swap: new requests see the new table from here
+        self.admin_guard.policy = state.policy
+        if self._certificates is not None and state.certificates is not None:
+            self._certificates.use(*state.certificates)  # the next handshakes' certificates
+        for name, upstream in old.upstreams.items():
+            if snapshot.upstreams.get(name) is not upstream:
+                task = asyncio.create_task(self._retire(upstream))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+        changes = describe_changes(self.config, state.config)
+        self.config = state.config
+        self._prepare_metrics(state.config, state.config_hash, reloaded)
+        return changes
+
+    async def _verdict(self, verification: Verification, why: str | None) -> None:
+        """The end of a reload's watch: verified, or `why` it fails, which rolls it back."""
+        if why is None:
+            log.info("reload verified: %s", verification.summary())
+            if self.last_reload is not None and self.last_reload.result == "success":
+                verified = self.last_reload.message + "; verified"
+                self.last_reload = ReloadOutcome("success", self.last_reload.time, verified)
+            return
+        async with self._reload_lock:
+            if self._verification is verification:  # else a newer reload came meanwhile
+                await self._roll_back(verification, why)
+
+    async def roll_back(self, why: str) -> tuple[bool, str]:
+        """Roll the last reload back now, verified or not, if no newer reload came: the
+        supervisor's way to make every worker follow one that rolled back (workers.py)."""
+        async with self._reload_lock:
+            verification = self._verification
+            if verification is None or verification.state == "rolled_back":
+                return False, "no reload to roll back"
+            await verification.stop()
+            return await self._roll_back(verification, why)
+
+    async def _roll_back(self, verification: Verification, why: str) -> tuple[bool, str]:
+        """Restore the config the reload replaced, as a reload would (unchanged upstreams keep
+        their warm pools). The file still holds the rolled-back config: the log says so.
+
+        The admin guard and the listener's certificates stay as the reload read them from their
+        files: they are not what the verification watched, and a token rotated in the same
+        reload must not come back (certificates.py re-reads its files on its own)."""
+        current = self._in_force()
+        config = dataclasses.replace(
+            verification.previous.config, admin=self.config.admin, listen=self.config.listen
+        )
+        previous = InForce(
+            config, current.policy, current.certificates, verification.previous.config_hash
+        )
+        try:
+            snapshot = await build_snapshot(config, self._snapshot, self._split_random)
+        except ConfigError as exc:  # a certificate file of the old config is gone, say
+            log.error("reload not rolled back (%s): %s; still serving it", why, exc)
+            verification.state = "rollback_failed"
+            self.last_reload = ReloadOutcome("failure", time.time(), f"rollback failed: {exc}")
+            return False, str(exc)
+        restored = "; ".join(self._apply(previous, snapshot, reloaded=False))
+        verification.state = "rolled_back"
+        self.metrics.reloads["rolled_back"] += 1
+        message = (
+            f"{why}; restored: {restored}; the config file still holds the rolled-back "
+            "config: fix it before the next reload"
+        )
+        log.error("reload rolled back: %s", message)
+        self.last_reload = ReloadOutcome("rolled_back", time.time(), message)
+        return True, message
+
+    def _worker_routes(self) -> list[web.RouteDef]:
+        """As a worker, what the supervisor asks of the last reload's watch (workers.py)."""
+        if self._admin_socket is None:
+            return []
+        return verification_routes(lambda: self._verification, self.roll_back)
 
     async def _retire(self, upstream: Upstream) -> None:
         """Close a replaced upstream once its requests in flight (tunnels included) are done,
@@ -358,6 +474,8 @@ class ProxyServer:
         self.state = "draining"
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + self._shutdown_grace
+        if self._verification is not None:
+            await self._verification.stop()  # draining: nothing more to roll back
         if self._watching is not None:
             self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)
@@ -451,6 +569,7 @@ async def serve(
     admin_socket: str | None = None,
     admin_token: str | None = None,
     reuse_port: bool = False,
+    started_from: str | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the config file.
 
@@ -459,7 +578,7 @@ async def serve(
     """
     server = ProxyServer(
         config, config_path=config_path, admin_socket=admin_socket, admin_token=admin_token,
-        reuse_port=reuse_port,
+        reuse_port=reuse_port, started_from=started_from,
     )  # fmt: skip
     try:
         await server.start()

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--admin-socket", required=True, help="a path, or @name (abstract)")
+    # After a rollback the file still holds the rolled-back config: a worker started again
+    # starts from the supervisor's copy of the restored one; its reloads read --config.
+    parser.add_argument("--start-from", help="the config file to start with instead")
     args = parser.parse_args(argv)
     token = os.environ.pop(TOKEN_VARIABLE, None)
     logging.basicConfig(
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s",
     )
     try:
-        config = load_config(args.config)
+        config = load_config(args.start_from or args.config)
         run(
             config.event_loop,  # the file's as this worker starts: a restart applies a change
             lambda: serve(
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 admin_socket=unix_path(args.admin_socket),
                 admin_token=token,
                 reuse_port=True,
+                started_from=args.start_from,
             ),
         )
     except (ConfigError, StartupError) as exc:

@@ -18,7 +18,10 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -28,12 +31,14 @@ from prometheus_client.exposition import choose_encoder
 
 from proxy.accept import bind_all
 from proxy.admin import guarded, healthz, reload_handler
+from proxy.advice import supervisor_view, window_seconds
 from proxy.config import Config, ConfigError, load_config
 from proxy.guard import CHANGE_HEADER, AdminGuard, load_policy
 from proxy.loops import run
 from proxy.merging import Merged, Merger
 from proxy.metrics import admin_unauthorized_family
 from proxy.server import cannot_listen, handle_signals, listen_on
+from proxy.status import supervisor_routes
 from proxy.worker import TOKEN_VARIABLE, unix_path
 
 
@@ -47,6 +52,7 @@ RESTART_DELAY = 0.5  # s before a dead worker is started again
 MAX_RESTART_DELAY = 30.0  # the back-off for a worker that keeps dying right after it starts
 ASK_TIMEOUT = 5.0  # s for a worker to answer a scrape (Prometheus's default timeout is 10 s)
 RELOAD_TIMEOUT = 10.0  # s for a worker to apply a reload and answer
+CONVERGE_POLL = 0.5  # s between two looks at the workers' watch of a reload (rollback.py)
 
 
 class Answer(NamedTuple):
@@ -70,9 +76,16 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str, count: int) -> None:
+    def __init__(self, config: Config, config_path: str, count: int, source: bytes) -> None:
         self.config = config
         self.config_path = config_path
+        # The config file's bytes in force, and those a rollback of the reload being verified
+        # returns to. After a rollback the file still holds the rolled-back config, so a worker
+        # started again (it died) starts from a private copy of the restored one instead
+        # (`--start-from`); the next reload that stands makes the file the source again.
+        self._in_force = source  # the bytes `config` was read from
+        self._rollback_to = self._in_force
+        self._restored: Path | None = None
         self.count = count
         self.state = "starting"
         self.restarts = 0
@@ -89,11 +102,13 @@ class Supervisor:
         self._failed_first: set[int] = set()  # workers whose first process exited with 1
         self._scraping = asyncio.Lock()
         self._stopping = asyncio.Event()
+        self._converging: asyncio.Task[None] | None = None  # the last reload's, see _converge
 
     async def _spawn(self, index: int) -> None:
         self._procs[index] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.worker", "--config", self.config_path,
             "--admin-socket", self.sockets[index],
+            *(("--start-from", str(self._restored)) if self._restored is not None else ()),
             env={**os.environ, TOKEN_VARIABLE: self.worker_token},
             # A session of its own: signals sent to the supervisor's process group (Ctrl-C,
             # `timeout`) reach the workers only through the supervisor, once. Twice would mean
@@ -166,11 +181,15 @@ class Supervisor:
         self._signal_all(signal.SIGTERM)
         self._stopping.set()
 
-    async def reload(self) -> tuple[bool, str]:
+    async def reload(self, verify: float | None = None) -> tuple[bool, str]:
         """POST /reload to every worker, for POST /reload here and SIGHUP: applied only if each
         worker applied it; one line per worker says what it did. The workers check the file,
-        so the supervisor does not. A worker that is down reads the file when it starts."""
-        answers = await self._ask_all("/reload", "POST", RELOAD_TIMEOUT)
+        so the supervisor does not. A worker that is down reads the file when it starts.
+        `verify` (POST /reload?verify=) goes to every worker, each watching its own share."""
+        verifying = self._converging is not None and not self._converging.done()
+        await self._stop_converging()  # each worker goes on watching, with this reload
+        query = "" if verify is None else "?" + urlencode({"verify": f"{verify:g}"})
+        answers = await self._ask_all("/reload" + query, "POST", RELOAD_TIMEOUT)
         lines = [
             f"worker {i} (pid {a.pid}): {a.text.strip()}"
             if a is not None
@@ -186,7 +205,60 @@ class Supervisor:
                 lines.append(f"supervisor: {exc}")
         for line in lines:
             log.log(logging.INFO if applied else logging.ERROR, "reload: %s", line)
+        if any(a is not None and a.status == 200 for a in answers):
+            if not verifying:  # else a rollback still returns to what the last one replaced
+                self._rollback_to = self._in_force
+            self._in_force = _read_bytes(self.config_path)
+            self._start_from(None)
+            self._converging = asyncio.create_task(self._converge())
         return applied, "\n".join(lines)
+
+    async def _converge(self) -> None:
+        """While the workers watch a reload (rollback.py), each over the share of the traffic
+        the kernel gives it: once one rolls it back, roll it back on the others too, so every
+        worker serves the same config. Ends when no worker watches it any more."""
+        while True:
+            answers = await self._ask_all("/reload/verification")
+            states = [
+                json.loads(a.text)["state"] if a is not None and a.status == 200 else None
+                for a in answers
+            ]
+            if "rolled_back" in states:
+                first = states.index("rolled_back")
+                told = answers[first]
+                why = f"worker {first} (pid {told.pid if told else 0}) rolled the reload back"
+                self._in_force = self._rollback_to
+                self._start_from(self._rollback_to)
+                path = "/reload/rollback?" + urlencode({"why": why})
+                done = await self._ask_all(path, "POST", RELOAD_TIMEOUT)
+                for i, answer in enumerate(done):
+                    if i != first:
+                        said = answer.text.strip() if answer else "down or not answering"
+                        log.error("reload rollback: worker %d: %s", i, said)
+                return
+            if "verifying" not in states:
+                return
+            await asyncio.sleep(CONVERGE_POLL)
+
+    def _start_from(self, config: bytes | None) -> None:
+        """Workers started from now on start from `config` (None: the config file)."""
+        if self._restored is not None:
+            self._restored.unlink(missing_ok=True)
+            self._restored = None
+        if config is not None:
+            descriptor, name = tempfile.mkstemp(prefix="proxy-restored-", suffix=".yaml")
+            with os.fdopen(descriptor, "wb") as file:  # 0600: only this user reads it
+                file.write(config)
+            self._restored = Path(name)
+            log.warning(
+                "until the next reload, a worker started again starts from the restored "
+                "config (%s), not from %s", name, self.config_path,
+            )  # fmt: skip
+
+    async def _stop_converging(self) -> None:
+        if self._converging is not None:
+            self._converging.cancel()
+            await asyncio.gather(self._converging, return_exceptions=True)
 
     def admin_app(self) -> web.Application:
         async def readyz(request: web.Request) -> web.Response:
@@ -216,12 +288,29 @@ class Supervisor:
             ]  # fmt: skip
             return web.json_response({"workers": workers})
 
+        async def pools_advice(request: web.Request) -> web.Response:
+            try:
+                seconds = window_seconds(request.query)
+            except ValueError as exc:
+                return web.Response(status=400, text=f"{exc}\n")
+            answers = await self._ask_all(f"/pools/advice?window={seconds}")
+            return web.json_response(supervisor_view(seconds, [
+                (self._procs[i].pid if i in self._procs else None,
+                 json.loads(a.text) if a is not None and a.status == 200 else None)
+                for i, a in enumerate(answers)
+            ]))  # fmt: skip
+
         app = web.Application(middlewares=[guarded(self.guard)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/pools", pools)
+        app.router.add_get("/pools/advice", pools_advice)
         app.router.add_post("/reload", reload_handler(self.reload))
+        # The status page over every worker's /status.json, summed (status.py's `merged`).
+        app.router.add_routes(
+            supervisor_routes(lambda: self.state, lambda: self._ask_all("/status.json"))
+        )
         return app
 
     def _own_metrics(self) -> list[Metric]:
@@ -269,7 +358,9 @@ class Supervisor:
 
         await self._stopping.wait()
         signals.set()  # a signal from now on stops the workers at once
+        await self._stop_converging()
         codes = await asyncio.gather(*(p.wait() for p in self._procs.values()))
+        self._start_from(None)  # the private copy goes with the supervisor
         for watcher in watchers:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
@@ -277,6 +368,13 @@ class Supervisor:
         log.info("stopped (workers exited with %s)", codes)
         failed = len(self._failed_first) == self.count
         return 0 if not failed and all(code == 0 for code in codes) else 1
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # the workers read it and say why
+        return b""
 
 
 def with_own(merged: list[Metric], own: list[Metric]) -> list[Metric]:
@@ -299,9 +397,9 @@ def with_own(merged: list[Metric], own: list[Metric]) -> list[Metric]:
     return list(families.values())
 
 
-def supervise(config: Config, config_path: str) -> int:
+def supervise(config: Config, config_path: str, source: bytes) -> int:
     count = config.workers or os.cpu_count() or 1
     # The supervisor serves no client: it stays on asyncio whatever `event_loop` says, which
     # also keeps it on asyncio's Unix sockets (uvloop cannot connect to the workers' abstract
     # sockets: OSError EINVAL on "\0name", probed with uvloop 0.23).
-    return run("asyncio", lambda: Supervisor(config, config_path, count).run())
+    return run("asyncio", lambda: Supervisor(config, config_path, count, source).run())

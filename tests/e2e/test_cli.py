@@ -44,7 +44,8 @@ def test_check_accepts_the_shipped_config():
             "upstreams:\n  api:\n    targets: [http://127.0.0.1:9001]\n    pool: {limt: 5}\n"
             "routes:\n  - {match: {path_prefix: /}, upstream: api}\n",
             "upstreams.api.pool: unknown key 'limt' "
-            "(known: limit, limit_per_host, keepalive_timeout, max_requests, max_age, min_idle)",
+            "(known: limit, limit_per_host, keepalive_timeout, max_requests, max_age, min_idle, "
+            "backend_budget)",
         ),
         (
             "upstreams:\n  api: {targets: [http://a:1]}\n  static: {targets: [http://b:1]}\n"

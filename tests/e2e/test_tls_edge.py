@@ -202,7 +202,7 @@ async def test_reload_rotates_certificate_while_open_connection_keeps_its_own(
         assert (kept.certificate, await kept.get()) == ("v1", 200)
     finally:
         await kept.close()
-    assert server.metrics.reloads == {"success": 1, "failure": 0}
+    assert server.metrics.reloads == {"success": 1, "failure": 0, "rolled_back": 0}
 
 
 async def test_file_watcher_rotates_certificate_without_a_reload(backend, servers, ca, tmp_path):
@@ -255,7 +255,7 @@ async def test_bad_new_certificate_keeps_the_old_and_counts_a_failed_reload(
     assert message.startswith(
         f"listen.tls.certificates[0]: cannot load certificate {live['cert']!r}"
     )
-    assert server.metrics.reloads == {"success": 0, "failure": 2}
+    assert server.metrics.reloads == {"success": 0, "failure": 2, "rolled_back": 0}
     await asyncio.sleep(0.3)  # the watcher does not retry the same bad files
     assert server.metrics.reloads["failure"] == 2
     assert await certificate_for(port, context, "app.test") == "v1"
@@ -266,7 +266,7 @@ async def test_bad_new_certificate_keeps_the_old_and_counts_a_failed_reload(
         return await certificate_for(port, context, "app.test") == "v2"
 
     await eventually(renewed_served)
-    assert server.metrics.reloads == {"success": 0, "failure": 2}
+    assert server.metrics.reloads == {"success": 0, "failure": 2, "rolled_back": 0}
 
 
 # --- protocol versions ---

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict
 
 from proxy.config import Admin, ConfigError
-from proxy.guard import AdminGuard, AdminPolicy, host_allowed, host_name, load_policy, unauthorized
+from proxy.guard import (
+    BASIC_CHALLENGE,
+    AdminGuard,
+    AdminPolicy,
+    host_allowed,
+    host_name,
+    load_policy,
+    unauthorized,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +79,49 @@ def test_host_allowed_answers_ip_literals_localhost_and_listed_names(host, answe
 )
 def test_unauthorized_says_why_a_bearer_token_is_refused(authorization, reason):
     assert unauthorized(authorization, b"tok") == reason
+
+
+def basic(credentials: str) -> str:
+    return "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        (basic("ops:tok"), None),
+        (basic(":tok"), None),  # a browser's prompt may leave the user name empty
+        ("basic " + basic("x:tok")[6:], None),
+        (basic("ops:tok2"), "wrong"),
+        (basic("ops:"), "wrong"),
+        (basic("ops:tok:"), "wrong"),  # only the first colon separates (RFC 7617 §2)
+        (basic("tok"), "missing"),  # no colon: no password
+        ("Basic", "missing"),
+        ("Basic !!not-base64!!", "missing"),
+        ("Basic dG9rw", "missing"),  # bad padding
+        ("Basic ÿÿ", "missing"),  # not ASCII
+    ],
+)
+def test_unauthorized_takes_the_token_as_a_basic_password_too(authorization, reason):
+    assert unauthorized(authorization, b"tok") == reason
+
+
+def test_a_browser_is_challenged_with_basic_and_scripts_with_bearer():
+    guard = AdminGuard(AdminPolicy(b"tok", frozenset()))
+
+    def challenge(method: str, path: str, **headers: str) -> str:
+        refusal = guard.check(method, path, CIMultiDict(headers))
+        assert refusal is not None and refusal.status == 401
+        return refusal.headers["WWW-Authenticate"]
+
+    assert challenge("GET", "/") == BASIC_CHALLENGE  # the status page, however asked
+    assert challenge("HEAD", "/", Authorization=basic("ops:no")) == BASIC_CHALLENGE
+    html = "text/html,application/xhtml+xml,*/*;q=0.8"
+    assert challenge("GET", "/pools", Accept=html) == BASIC_CHALLENGE  # typed in the address bar
+    assert challenge("GET", "/pools", Accept=html, Authorization="Bearer no") == "Bearer"
+    assert challenge("GET", "/status.json", Accept="application/json") == "Bearer"
+    assert challenge("GET", "/metrics") == "Bearer"
+    assert guard.unauthorized == {"missing": 4, "wrong": 2}  # the reasons as before
+    assert guard.check("GET", "/", CIMultiDict(Authorization=basic("any:tok"))) is None
 
 
 def test_load_policy_reads_the_token_stripped_and_names_the_key_on_errors(tmp_path: Path):
