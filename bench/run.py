@@ -91,7 +91,7 @@ PROXY_VARIANTS = {
 
 # The minimal pooled aiohttp proxy (bench/minimal.py), the reference of "CPU vs minimal", by
 # event loop. Its pool limit is --pool-limit, as the proxy's.
-MINIMAL_VARIANTS = {"minimal": "asyncio", "minimal-uvloop": "uvloop"}
+MINIMAL_VARIANTS = {"minimal": "asyncio", "minimal-uvloop": "uvloop", "minimal-raw": "asyncio"}
 # Targets that are not the proxy: nginx and HAProxy as reverse proxies, and the backend itself.
 REFERENCES = ("direct", "nginx", "haproxy", *MINIMAL_VARIANTS)
 DEFAULT_TARGETS = "direct,minimal,proxy,nginx,haproxy"
@@ -456,6 +456,8 @@ class Bench:
                     str(REPO / "bench" / "minimal.py"),
                     *("--port", str(port), "--upstream", f"http://127.0.0.1:{self.ports.backend}"),
                     *("--pool-limit", str(self.pool_limit), "--loop", MINIMAL_VARIANTS[name]),
+                    # minimal-raw: requests below ClientSession._request (bench/minimal.py)
+                    *("--client", "raw" if name == "minimal-raw" else "session"),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
