@@ -87,6 +87,10 @@ PROXY_VARIANTS = {
     "proxy-routed": (["-m", "proxy"], "ROUTED"),
     # The proxy on uvloop (issue 13): compare with "proxy", and with "minimal-uvloop".
     "proxy-uvloop": (["-m", "proxy"], "event_loop: uvloop\n"),
+    # Overload shed (issue 13 target 3): max_pending 20 in front of pool.limit, so at 200
+    # clients 100 requests are in flight, 20 wait and the rest get 503 at once. Its access log
+    # is kept, for the latency of the admitted requests alone (wrk's mixes in the 503s).
+    "proxy-shed": (["-m", "proxy"], "SHED"),
 }
 
 # The minimal pooled aiohttp proxy (bench/minimal.py), the reference of "CPU vs minimal", by
@@ -211,7 +215,8 @@ backend backend
 def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
     targets = f"[http://127.0.0.1:{ports.backend}]"
     routed = extra == "ROUTED"
-    if routed:
+    shed = extra == "SHED"
+    if routed or shed:
         extra = ""
     if extra.startswith("TWO-TARGETS"):
         balance = extra.partition(" ")[2] or "least_requests"
@@ -231,7 +236,7 @@ upstreams:
   backend:
     targets: {targets}
     pool: {{limit: {pool_limit}, limit_per_host: 0, keepalive_timeout: 60}}
-    timeouts: {{connect: 5, read: 30}}
+    timeouts: {{connect: 5, read: 30}}{SHED_PENDING if shed else ""}
   sink:
     targets: [http://127.0.0.1:{ports.sink}]
 routes:
@@ -245,6 +250,7 @@ routes:
     ).replace(PLAIN_ROUTE, _ROUTED if routed else PLAIN_ROUTE)
 
 
+SHED_PENDING = "\n    max_pending: 20"
 PLAIN_ROUTE = """
   - name: all
     match: {path_prefix: /}
@@ -330,6 +336,7 @@ class Run:
     cpu_us_per_request: float | None
     backend_connections: int
     per_worker: tuple[int, ...] = ()  # proxy-2w: the requests each worker served in the run
+    admitted: tuple[int, ...] = ()  # proxy-shed: durations (µs) of the 200s, then the shed count
 
 
 def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, int, int]:
@@ -424,7 +431,9 @@ class Bench:
         config = self.root / f"{name}.yaml"
         config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, extra))
         log = self.root / f"{name}.stderr"
-        with open(log, "wb") as stderr:
+        # The access log: kept for proxy-shed only (the child keeps its own copy of the file).
+        access = self.access_log(name) if name == "proxy-shed" else Path(os.devnull)
+        with open(log, "wb") as stderr, open(access, "wb") as stdout:
             proxy = subprocess.Popen(
                 [
                     "taskset",
@@ -436,7 +445,7 @@ class Bench:
                     str(config),
                 ],
                 cwd=source,
-                stdout=subprocess.DEVNULL,  # the access log
+                stdout=stdout,
                 stderr=stderr,
                 env={**os.environ, "PYTHONPATH": str(source)},
             )
@@ -497,6 +506,7 @@ class Bench:
         if target == "proxy-2w":
             pids = [*pids, *descendants(pids[0])]  # the workers, however often restarted
         served_before = self.served_per_worker(target)
+        logged = self.access_log(target).stat().st_size if target == "proxy-shed" else 0
         cpu_before = sum(cpu_seconds(p) for p in pids)
         accepts_before = backend_accepts(self.ports.backend_status)
         rps, p50, p99, requests, errors = wrk(self.url(target, path), clients, duration)
@@ -512,7 +522,22 @@ class Bench:
             cpu / requests * 1e6 if pids and requests else None,
             opened,
             tuple(after - before for after, before in zip(served, served_before, strict=True)),
+            self.admitted(target, logged),
         )
+
+    def access_log(self, target: str) -> Path:
+        return self.root / f"{target}.access.log"
+
+    def admitted(self, target: str, since: int) -> tuple[int, ...]:
+        """proxy-shed: the durations (µs) of the requests answered 200 in its access log from
+        byte `since` on, and then the count of the others (shed) last; () for the others."""
+        if target != "proxy-shed":
+            return ()
+        with open(self.access_log(target), "rb") as log:
+            log.seek(since)
+            lines = [json.loads(line) for line in log.read().splitlines() if line.strip()]
+        ok = sorted(round(e["duration"] * 1e6) for e in lines if e["status"] == 200)
+        return (*ok, sum(1 for e in lines if e["status"] != 200))
 
     def served_per_worker(self, target: str) -> tuple[int, ...]:
         """proxy-2w: the requests each worker has sent to the backend so far (the supervisor's
@@ -583,6 +608,24 @@ def worker_spread(samples: dict[tuple[str, int, str], list[Run]]) -> str:
         if spreads:
             cases.append(f"{body}/{clients} ±{max(spreads):.0%}")
     return ", ".join(cases)
+
+
+def shed_figures(samples: dict[tuple[str, int, str], list[Run]]) -> str:
+    """proxy-shed per case: p50 and p99 of the admitted requests (answered 200, from the access
+    log, all rounds together), their ratio, and how many were shed (503 at once)."""
+    cases = []
+    for (body, clients, target), runs in samples.items():
+        if target != "proxy-shed":
+            continue
+        ok = sorted(d for run in runs for d in run.admitted[:-1])
+        shed = sum(run.admitted[-1] for run in runs if run.admitted)
+        if ok:
+            p50, p99 = ok[len(ok) // 2] / 1e3, ok[min(len(ok) - 1, len(ok) * 99 // 100)] / 1e3
+            cases.append(
+                f"{body}/{clients}: p50 {p50:.2f} ms, p99 {p99:.2f} ms ({p99 / p50:.2f}x), "
+                f"{len(ok):,} admitted, {shed:,} shed"
+            )
+    return "; ".join(cases)
 
 
 def minimal_for(target: str, targets: list[str]) -> str:
@@ -751,6 +794,9 @@ def main() -> int:
                 f"{transfer['download_mib_s'] / nginx['download_mib_s']:.2f}, "
                 f"upload {transfer['upload_mib_s'] / nginx['upload_mib_s']:.2f}"
             )
+    shed = shed_figures(samples)
+    if shed:
+        print(f"\nproxy-shed, the admitted requests (200) only: {shed}")
     spread = worker_spread(samples)
     if spread:
         print(
