@@ -15,6 +15,7 @@ import random
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from multidict import MultiMapping
 from yarl import URL
@@ -77,6 +78,7 @@ class TargetState:
     discovered_from: str = ""  # "dns:NAME" or "srv:NAME"; "" for a fixed target
     host: str = ""
     port: int | None = None
+    connect_request: Any = None  # wire.py's, made at its first request (a ClientRequest)
 
     def __post_init__(self) -> None:
         url = URL(self.url)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import aiohttp
@@ -19,7 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import headers as hdrs
-from proxy import intake, ratelimit, respond, tracing, tunnel
+from proxy import intake, ratelimit, respond, tracing, tunnel, wire
 from proxy.balancing import NoTarget, TargetState, hash_key
 from proxy.checks import IPNetwork
 from proxy.deadlines import peer_of
@@ -43,6 +44,7 @@ from proxy.routing import host_key
 from proxy.snapshot import Snapshot
 from proxy.tls import client_subject
 from proxy.upstream import Upstream
+from proxy.wire import UpstreamResponse
 
 log = logging.getLogger("proxy")
 
@@ -287,17 +289,20 @@ class Forwarder:
         target.in_flight += 1
         sent = time.perf_counter()
         response: ForwardedResponse | None = None
+        # routes[].timeouts.read, or the session's own (a request's replaces it whole).
+        timeout = policy.client_timeouts.get(upstream.name) or session.timeout
+        sending: AbstractAsyncContextManager[UpstreamResponse]
+        if body is None and not upgrading and request.method in wire.METHODS:
+            # The common case below ClientSession._request: the same pool and bytes (wire.py).
+            sending = wire.Request(upstream.connector, target, request.method, url,
+                                    out_headers, timeout)  # fmt: skip
+        else:
+            sending = session.request(
+                request.method, url, headers=out_headers, data=body, allow_redirects=False,
+                server_hostname=target.server_hostname, timeout=timeout,
+            )  # fmt: skip
         try:
-            async with session.request(
-                request.method,
-                url,
-                headers=out_headers,
-                data=body,
-                allow_redirects=False,
-                server_hostname=target.server_hostname,
-                # routes[].timeouts.read, or the session's own (a request's replaces it whole).
-                timeout=policy.client_timeouts.get(upstream.name) or session.timeout,
-            ) as upstream_response:
+            async with sending as upstream_response:
                 exchange.upstream_seconds = time.perf_counter() - sent
                 exchange.reused = acquisition.reused
                 try:
@@ -323,6 +328,7 @@ class Forwarder:
                 if upgrading:
                     exchange.tunnel = "upgraded" if response.status == 101 else "refused"
                     if response.status == 101:
+                        assert isinstance(upstream_response, aiohttp.ClientResponse)
                         opened = await tunnel.open_tunnel(
                             request, response, upstream_response, take_upgraded, exchange,
                             upstream, upstream.settings.tunnels.idle_timeout, self._observe,

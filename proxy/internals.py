@@ -1,6 +1,6 @@
 """Every private aiohttp name the proxy leans on, in one table, checked once at start-up.
 
-listener.py, deadlines.py and pool.py override or read these (each says why). A release
+listener.py, deadlines.py, pool.py and wire.py override or read these (each says why). A release
 that renames one would otherwise fail silently: a pool gauge stuck at zero, aiohttp's hidden
 retry back on, a deadline that never fires, a tunnel that aiohttp closes under the relay.
 Checked against aiohttp 3.14.5 (pyproject pins ~=3.14.0). Knows nothing else.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_writer, web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import BaseConnector, Connection
 from aiohttp.web_protocol import RequestHandler
@@ -40,6 +40,7 @@ _INSTANCE_NAMES = {
         "_conns",
         "_loop",
         "_keepalive_timeout",
+        "_timeout_ceil_threshold",  # wire.py: the session's read timeout rounding
     ),
     "ClientSession": ("_retry_connection",),
     "ResponseHandler": ("_buffer", "_tail", "_should_close"),
@@ -76,6 +77,9 @@ async def check_aiohttp(
         "ResponseHandler": protocol,
         "web.Server": web.Server(handler),
     }
+    # wire.py writes a request head as ClientRequest.send does, with aiohttp's serialiser.
+    if not callable(getattr(http_writer, "_serialize_headers", None)):
+        missing.append("http_writer._serialize_headers")
     # deadlines.py lets an answered request's state go (BaseRequest lists its attributes).
     missing += [
         f"BaseRequest.{name}"

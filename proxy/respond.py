@@ -21,6 +21,7 @@ from proxy.exchange import Exchange
 from proxy.failures import CLIENT_ABORT, UPSTREAM_ERRORS, Failure, classify
 from proxy.listener import ForwardedResponse, plain_response
 from proxy.upstream import Upstream
+from proxy.wire import UpstreamResponse
 
 log = logging.getLogger("proxy")
 
@@ -120,7 +121,7 @@ async def copy_body(
             return None
 
 
-def forwardable(upstream_response: aiohttp.ClientResponse, upgrading: bool) -> ForwardedResponse:
+def forwardable(upstream_response: UpstreamResponse, upgrading: bool) -> ForwardedResponse:
     """The client's copy of the upstream's status line and headers; ValueError for one that
     must not be forwarded (the caller answers 502)."""
     status = upstream_response.status

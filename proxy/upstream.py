@@ -27,6 +27,7 @@ from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
 from proxy.policy import target_host
 from proxy.pool import Acquisition, PoolConnector
 from proxy.tls import Certificate, client_context, expired, tls_files_stamp
+from proxy.wire import UpstreamResponse
 
 if TYPE_CHECKING:
     from proxy.tunnel import Tunnel
@@ -243,7 +244,7 @@ class Upstream:
         return target
 
     def answered(
-        self, target: TargetState, acquisition: Acquisition, response: aiohttp.ClientResponse
+        self, target: TargetState, acquisition: Acquisition, response: UpstreamResponse
     ) -> None:
         """Learn from a response's status line and headers: passive health, a rest the target
         asked for, and the idle timeout it announced for this connection."""
