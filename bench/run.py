@@ -64,6 +64,7 @@ class Ports:
     sink: int
     backend2: int  # the same nginx backend on a second port: a second target
     haproxy: int
+    slow: int  # bench/sink.py answering after SLOW_DELAY: proxy-slow's and proxy-shed's backend
 
 
 # The proxy under test, in variants: (how it is started, extra YAML). "baseline" runs
@@ -87,9 +88,11 @@ PROXY_VARIANTS = {
     "proxy-routed": (["-m", "proxy"], "ROUTED"),
     # The proxy on uvloop (issue 13): compare with "proxy", and with "minimal-uvloop".
     "proxy-uvloop": (["-m", "proxy"], "event_loop: uvloop\n"),
-    # Overload shed (issue 13 target 3): max_pending 20 in front of pool.limit, so at 200
-    # clients 100 requests are in flight, 20 wait and the rest get 503 at once. Its access log
-    # is kept, for the latency of the admitted requests alone (wrk's mixes in the 503s).
+    # Overload where the pool is the bottleneck (issue 13 target 3): a backend that answers
+    # after SLOW_DELAY, so 200 clients against pool.limit 100 queue for the pool, not for the
+    # proxy's CPU. proxy-shed adds max_pending 20: 100 in flight, 20 waiting, the rest 503 at
+    # once. Their access logs are kept, for the latency of the admitted (200) requests alone.
+    "proxy-slow": (["-m", "proxy"], "SLOW"),
     "proxy-shed": (["-m", "proxy"], "SHED"),
 }
 
@@ -215,9 +218,11 @@ backend backend
 def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
     targets = f"[http://127.0.0.1:{ports.backend}]"
     routed = extra == "ROUTED"
-    shed = extra == "SHED"
-    if routed or shed:
+    slow, shed = extra == "SLOW", extra == "SHED"
+    if routed or slow or shed:
         extra = ""
+    if slow or shed:
+        targets = f"[http://127.0.0.1:{ports.slow}]"
     if extra.startswith("TWO-TARGETS"):
         balance = extra.partition(" ")[2] or "least_requests"
         extra = ""
@@ -250,6 +255,8 @@ routes:
     ).replace(PLAIN_ROUTE, _ROUTED if routed else PLAIN_ROUTE)
 
 
+LOGGED = ("proxy-slow", "proxy-shed")  # access log kept: the latency of the admitted requests
+SLOW_DELAY = 0.05  # s the slow backend takes per answer: 100 connections serve 2,000 req/s
 SHED_PENDING = "\n    max_pending: 20"
 PLAIN_ROUTE = """
   - name: all
@@ -336,7 +343,7 @@ class Run:
     cpu_us_per_request: float | None
     backend_connections: int
     per_worker: tuple[int, ...] = ()  # proxy-2w: the requests each worker served in the run
-    admitted: tuple[int, ...] = ()  # proxy-shed: durations (µs) of the 200s, then the shed count
+    admitted: tuple[int, ...] = ()  # LOGGED: durations (µs) of the 200s, then the shed count
 
 
 def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, int, int]:
@@ -376,7 +383,7 @@ def wrk(url: str, clients: int, duration: float) -> tuple[float, float, float, i
 class Bench:
     def __init__(self, root: Path, pool_limit: int, baseline: Path | None) -> None:
         self.root = root
-        self.ports = Ports(*(free_port() for _ in range(6)))
+        self.ports = Ports(*(free_port() for _ in range(7)))
         self.pool_limit = pool_limit
         self.baseline = baseline  # a checkout of another revision, run as target "baseline"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -409,6 +416,9 @@ class Bench:
             nginx_proxy = self.procs[-1]
         sink = [sys.executable, str(REPO / "bench" / "sink.py"), str(self.ports.sink)]
         self.procs.append(subprocess.Popen(sink))
+        if {"proxy-slow", "proxy-shed"} & set(targets):  # beside wrk, off the proxy's core
+            slow = [*sink[:-1], str(self.ports.slow), str(SLOW_DELAY)]
+            self.procs.append(subprocess.Popen(["taskset", "-c", LOAD_CORE, *slow]))
         # (name, URL that answers once it is up, its process, its stderr)
         waits = [self._start_proxy(name) for name in targets if name in PROXY_VARIANTS]
         waits += [self._start_minimal(name) for name in targets if name in MINIMAL_VARIANTS]
@@ -431,8 +441,8 @@ class Bench:
         config = self.root / f"{name}.yaml"
         config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, extra))
         log = self.root / f"{name}.stderr"
-        # The access log: kept for proxy-shed only (the child keeps its own copy of the file).
-        access = self.access_log(name) if name == "proxy-shed" else Path(os.devnull)
+        # The access log: kept for LOGGED only (the child keeps its own copy of the file).
+        access = self.access_log(name) if name in LOGGED else Path(os.devnull)
         with open(log, "wb") as stderr, open(access, "wb") as stdout:
             proxy = subprocess.Popen(
                 [
@@ -506,7 +516,7 @@ class Bench:
         if target == "proxy-2w":
             pids = [*pids, *descendants(pids[0])]  # the workers, however often restarted
         served_before = self.served_per_worker(target)
-        logged = self.access_log(target).stat().st_size if target == "proxy-shed" else 0
+        logged = self.access_log(target).stat().st_size if target in LOGGED else 0
         cpu_before = sum(cpu_seconds(p) for p in pids)
         accepts_before = backend_accepts(self.ports.backend_status)
         rps, p50, p99, requests, errors = wrk(self.url(target, path), clients, duration)
@@ -529,9 +539,9 @@ class Bench:
         return self.root / f"{target}.access.log"
 
     def admitted(self, target: str, since: int) -> tuple[int, ...]:
-        """proxy-shed: the durations (µs) of the requests answered 200 in its access log from
-        byte `since` on, and then the count of the others (shed) last; () for the others."""
-        if target != "proxy-shed":
+        """A LOGGED target's: the durations (µs) of the requests answered 200 in its access log
+        from byte `since` on, then the count of the others (shed); () for other targets."""
+        if target not in LOGGED:
             return ()
         with open(self.access_log(target), "rb") as log:
             log.seek(since)
@@ -610,12 +620,12 @@ def worker_spread(samples: dict[tuple[str, int, str], list[Run]]) -> str:
     return ", ".join(cases)
 
 
-def shed_figures(samples: dict[tuple[str, int, str], list[Run]]) -> str:
-    """proxy-shed per case: p50 and p99 of the admitted requests (answered 200, from the access
-    log, all rounds together), their ratio, and how many were shed (503 at once)."""
+def shed_figures(samples: dict[tuple[str, int, str], list[Run]], target: str) -> str:
+    """For a LOGGED target, per case: p50 and p99 of the admitted requests (answered 200, from
+    its access log, all rounds together), their ratio, and how many were shed (503 at once)."""
     cases = []
-    for (body, clients, target), runs in samples.items():
-        if target != "proxy-shed":
+    for (body, clients, name), runs in samples.items():
+        if name != target:
             continue
         ok = sorted(d for run in runs for d in run.admitted[:-1])
         shed = sum(run.admitted[-1] for run in runs if run.admitted)
@@ -794,9 +804,10 @@ def main() -> int:
                 f"{transfer['download_mib_s'] / nginx['download_mib_s']:.2f}, "
                 f"upload {transfer['upload_mib_s'] / nginx['upload_mib_s']:.2f}"
             )
-    shed = shed_figures(samples)
-    if shed:
-        print(f"\nproxy-shed, the admitted requests (200) only: {shed}")
+    for target in LOGGED:
+        figures = shed_figures(samples, target)
+        if figures:
+            print(f"\n{target}, the requests answered 200 only (its access log): {figures}")
     spread = worker_spread(samples)
     if spread:
         print(

@@ -1,14 +1,19 @@
-"""`python bench/sink.py PORT`: an HTTP/1.1 backend on 127.0.0.1 that reads every byte of each
-request body (Content-Length or chunked) and then answers 200. The 1 GiB upload goes here,
-because nginx's `return 200` answers before reading the body and the client stops sending."""
+"""`python bench/sink.py PORT [DELAY]`: an HTTP/1.1 backend on 127.0.0.1 that reads every byte of
+each request body (Content-Length or chunked) and then answers 200. The 1 GiB upload goes here,
+because nginx's `return 200` answers before reading the body and the client stops sending.
+With DELAY (seconds), each answer waits that long first: a slow backend, where the pool is the
+bottleneck rather than the proxy's CPU (bench/run.py's proxy-slow and proxy-shed)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 
 
-async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def serve(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float = 0.0
+) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -29,6 +34,8 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                         return
                     left -= len(chunk)
                     received += len(chunk)
+            if delay:
+                await asyncio.sleep(delay)
             body = f"{received}\n".encode()
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
@@ -38,11 +45,11 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def main(port: int) -> None:
-    server = await asyncio.start_server(serve, "127.0.0.1", port)
+async def main(port: int, delay: float) -> None:
+    server = await asyncio.start_server(functools.partial(serve, delay=delay), "127.0.0.1", port)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))
