@@ -532,7 +532,11 @@ class PoolConnector(aiohttp.TCPConnector):
         # A request never sent: what aiohttp's connect() needs to open a connection, under the
         # same key as the session's requests (ssl=True: the connector's context is used).
         request = aiohttp.ClientRequest(
-            "GET", URL(url), loop=self._loop, ssl=True, server_hostname=server_hostname
+            "GET",
+            URL(url, encoded=True),
+            loop=self._loop,
+            ssl=True,
+            server_hostname=server_hostname,
         )
         key = request.connection_key
         # At most min_idle opens a round, even if the upstream closes them as fast as they open.

@@ -6,11 +6,15 @@ Why: `ClientSession._request` builds a ClientRequest and a ClientResponse per re
 headers, checks cookies, URL and proxy settings the proxy never uses: measured, a minimal proxy
 spends 0.49-0.75x its CPU per request without it (`bench/run.py --targets minimal,minimal-raw`).
 What it must keep is what the session did for a GET or HEAD with no body, byte for byte: the
-request line (the URL's raw path and query), the headers in their order, Host added last when
-the client sent none, `Connection: close` when the pool never reuses connections; a response's
-1xx skipped (101 excepted), its connection released to the pool at the body's end (closed if it
-was not read to the end), and the same exceptions (failures.py classifies them). Requests with
-a body, upgrades and anything else go through the session (forward.py decides).
+request line (the URL's raw path and query), Host first (the client's value, else the
+target's) and the other headers in their order, `Connection: close` when the pool never reuses
+connections; the same connection key (the host as written); a response's 1xx skipped (101
+excepted), a body without framing read to the upstream's close, the connection released to the
+pool at the body's end (closed if it was not read to the end); and the same exceptions, a
+connect timeout included (failures.py classifies them, retry.py retries by them). A fresh-eyes
+review compared both paths on real sockets; each difference it found is a test in
+tests/e2e/test_wire.py. Requests with a body, upgrades and anything else go through the session
+(forward.py decides).
 
 Every private aiohttp name used here is checked at start-up (internals.py).
 """
@@ -23,6 +27,8 @@ import aiohttp
 from aiohttp import http
 from aiohttp.client_reqrep import RequestInfo
 from aiohttp.connector import Connection
+from aiohttp.hdrs import HOST_ALL
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -32,8 +38,8 @@ from proxy.pool import PoolConnector
 
 METHODS = frozenset({"GET", "HEAD"})  # what may go this way (with no body, no upgrade)
 
-# The session's defaults (upstream.py's _proxy_session leaves them as aiohttp has them).
-_READ_BUFSIZE = 2**16
+# The session's defaults (upstream.py's _proxy_session leaves them as aiohttp has them; its
+# read_bufsize is aiohttp's DEFAULT_CHUNK_SIZE).
 _MAX_LINE, _MAX_FIELD, _MAX_HEADERS = 8190, 8190, 128
 
 
@@ -42,8 +48,9 @@ def connect_request(target: TargetState) -> aiohttp.ClientRequest:
     and SNI): one per target, never sent, made as the session makes its own (ssl=True: the
     connector's context), so both ways share one pool. Made in the running loop."""
     if target.connect_request is None:
+        # encoded=True: the host as written, as in the session's URL (and so its key).
         target.connect_request = aiohttp.ClientRequest(
-            "GET", URL(target.url), ssl=True, server_hostname=target.server_hostname
+            "GET", URL(target.url, encoded=True), ssl=True, server_hostname=target.server_hostname
         )
     request: aiohttp.ClientRequest = target.connect_request
     return request
@@ -72,6 +79,22 @@ class WireResponse:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+
+
+def _request_headers(url: URL, given: CIMultiDict[str], force_close: bool) -> CIMultiDict[str]:
+    """The headers as ClientRequest makes them, in a new multidict (a retry reuses `given`):
+    Host first, the target's unless one is given (its value then takes that first place), the
+    others in order; `Connection: close` last when the pool never reuses a connection."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Host"] = url.host_port_subcomponent or ""
+    for name, value in given.items():
+        if name in HOST_ALL:
+            headers[name] = value
+        else:
+            headers.add(name, value)
+    if force_close and "Connection" not in headers:
+        headers["Connection"] = "close"
+    return headers
 
 
 # What an attempt's response is: the session's, or this module's with the same names.
@@ -104,7 +127,10 @@ class Request:
 
     async def __aenter__(self) -> WireResponse:
         connector = self._connector
-        connection = await connector.connect(connect_request(self._target), [], self._timeout)
+        try:
+            connection = await connector.connect(connect_request(self._target), [], self._timeout)
+        except TimeoutError as exc:  # timeouts.connect: a connect failure, retried
+            raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self._url}") from exc
         self._connection = connection
         try:
             return await self._send(connection)
@@ -116,26 +142,23 @@ class Request:
 
     async def _send(self, connection: Connection) -> WireResponse:
         protocol = connection.protocol
-        assert protocol is not None and protocol.transport is not None
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
         protocol.set_response_params(
             skip_payload=self._method == "HEAD",
+            # A body without Content-Length or chunked framing ends when the upstream closes.
+            read_until_eof=True,
             auto_decompress=False,
             read_timeout=self._timeout.sock_read,
-            read_bufsize=_READ_BUFSIZE,
+            read_bufsize=DEFAULT_CHUNK_SIZE,
             timeout_ceil_threshold=self._connector._timeout_ceil_threshold,
             max_line_size=_MAX_LINE,
             max_field_size=_MAX_FIELD,
             max_headers=_MAX_HEADERS,
         )
-        headers = self._headers
-        if "Host" not in headers:  # what ClientRequest.update_auto_headers adds
-            headers["Host"] = self._url.host_port_subcomponent or ""
-        if self._connector.force_close and "Connection" not in headers:
-            headers["Connection"] = "close"  # what ClientRequest.send adds
+        headers = _request_headers(self._url, self._headers, self._connector.force_close)
         # aiohttp's serialiser: the same bytes, the same refusal of a control character.
         head = _serialize_headers(f"{self._method} {self._url.raw_path_qs} HTTP/1.1", headers)
-        if protocol.transport.is_closing():
-            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
         protocol.transport.write(head)
         protocol.start_timeout()  # timeouts.read, from here until the headers (as send() does)
         while True:  # ClientResponse.start: 1xx other than 101 are skipped
