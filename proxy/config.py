@@ -493,11 +493,14 @@ def workers_count(value: Any, path: str) -> int:
     return int(value)
 
 
+MAX_VERIFY = 3600.0  # s: reload.verify and POST /reload?verify= (rollback.py) beyond it refused
+
+
 def verify_seconds(value: Any, path: str) -> float:
-    """reload.verify: seconds from 0 to an hour, as POST /reload?verify= takes (rollback.py)."""
+    """reload.verify: seconds from 0 to MAX_VERIFY, as POST /reload?verify= takes."""
     seconds = non_negative_seconds(value, path)
-    if seconds > 3600:
-        raise _fail(path, "must be a number of seconds from 0 to 3600", value)
+    if seconds > MAX_VERIFY:
+        raise _fail(path, f"must be a number of seconds from 0 to {MAX_VERIFY:g}", value)
     return seconds
 
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from proxy.config import Config, ListenTLS
+from proxy.config import MAX_VERIFY, Config, ListenTLS
 from proxy.recent import SPAN, Key, Recent
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ log = logging.getLogger("proxy")
 # served MIN_REQUESTS in the minute before (else it is taken as 0: new, or idle).
 MIN_REQUESTS = 10
 MIN_ERRORS = 3
-MAX_VERIFY = 3600.0  # s: POST /reload?verify= beyond this is refused
 
 
 @dataclass(frozen=True, slots=True)
