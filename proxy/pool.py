@@ -165,6 +165,18 @@ def _past_max_age(now: float, key: Any, protocol: GuardedResponseHandler) -> boo
     return now >= protocol.expires
 
 
+def key_request(
+    url: str, server_hostname: str | None, loop: asyncio.AbstractEventLoop
+) -> aiohttp.ClientRequest:
+    """A request never sent: what aiohttp's connect() needs to open or take a connection to
+    `url`, under the key the session's own requests to it get: the host as written
+    (encoded=True, as in the session's URL), ssl=True (the connector's context), the SNI name.
+    min_idle's warming and wire.py's requests use it."""
+    return aiohttp.ClientRequest(
+        "GET", URL(url, encoded=True), loop=loop, ssl=True, server_hostname=server_hostname
+    )
+
+
 class PoolFull(aiohttp.ClientConnectionError):
     """`max_pending` requests already wait for a slot: this one is refused at once."""
 
@@ -529,15 +541,7 @@ class PoolConnector(aiohttp.TCPConnector):
         self, url: str, server_hostname: str | None, min_idle: int, timeout: aiohttp.ClientTimeout
     ) -> None:
         """Open connections to `url` until it has `min_idle` idle ones or the pool is full."""
-        # A request never sent: what aiohttp's connect() needs to open a connection, under the
-        # same key as the session's requests (ssl=True: the connector's context is used).
-        request = aiohttp.ClientRequest(
-            "GET",
-            URL(url, encoded=True),
-            loop=self._loop,
-            ssl=True,
-            server_hostname=server_hostname,
-        )
+        request = key_request(url, server_hostname, self._loop)
         key = request.connection_key
         # At most min_idle opens a round, even if the upstream closes them as fast as they open.
         for _ in range(min_idle):

@@ -21,6 +21,7 @@ Every private aiohttp name used here is checked at start-up (internals.py).
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 
 import aiohttp
@@ -34,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.balancing import TargetState
-from proxy.pool import PoolConnector
+from proxy.pool import PoolConnector, key_request
 
 METHODS = frozenset({"GET", "HEAD"})  # what may go this way (with no body, no upgrade)
 
@@ -48,9 +49,8 @@ def connect_request(target: TargetState) -> aiohttp.ClientRequest:
     and SNI): one per target, never sent, made as the session makes its own (ssl=True: the
     connector's context), so both ways share one pool. Made in the running loop."""
     if target.connect_request is None:
-        # encoded=True: the host as written, as in the session's URL (and so its key).
-        target.connect_request = aiohttp.ClientRequest(
-            "GET", URL(target.url, encoded=True), ssl=True, server_hostname=target.server_hostname
+        target.connect_request = key_request(
+            target.url, target.server_hostname, asyncio.get_running_loop()
         )
     request: aiohttp.ClientRequest = target.connect_request
     return request
