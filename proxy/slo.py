@@ -158,17 +158,8 @@ def route_rules(route: Route, slo: Slo) -> list[dict[str, Any]]:
     pages: list[dict[str, Any]] = []
     if slo.availability is not None:
         budget = _budget(slo.availability)
-        recorded.append(
-            {
-                "record": OBJECTIVE,
-                "expr": f"vector({_number(1 - budget)})",
-                "labels": {"route": route.name, "slo": "availability"},
-            }
-        )
-        recorded += [
-            {"record": ERRORS + w, "expr": _error_ratio(name, w), "labels": {"route": route.name}}
-            for w in WINDOWS
-        ]
+        recorded.append(_objective(route, "availability", budget))
+        recorded += [_ratio(ERRORS + w, _error_ratio(name, w), route) for w in WINDOWS]
         what = (
             f"5xx responses (budget: {_number(budget * 100)}% of requests, for "
             f"{_percent(slo.availability)}% availability) burned"
@@ -177,23 +168,27 @@ def route_rules(route: Route, slo: Slo) -> list[dict[str, Any]]:
     if slo.latency is not None:
         budget = _budget(slo.latency_target)
         le = le_matcher(slo.latency)
-        recorded.append(
-            {
-                "record": OBJECTIVE,
-                "expr": f"vector({_number(1 - budget)})",
-                "labels": {"route": route.name, "slo": "latency"},
-            }
-        )
-        recorded += [
-            {"record": SLOW + w, "expr": _slow_ratio(name, le, w), "labels": {"route": route.name}}
-            for w in WINDOWS
-        ]
+        recorded.append(_objective(route, "latency", budget))
+        recorded += [_ratio(SLOW + w, _slow_ratio(name, le, w), route) for w in WINDOWS]
         what = (
             f"requests slower than {slo.latency:g} s (budget: {_number(budget * 100)}% of "
             f"requests, for {_percent(slo.latency_target)}% under {slo.latency:g} s) burned"
         )
         pages += _page("latency", SLOW, route, budget, what)
     return recorded + pages
+
+
+def _objective(route: Route, kind: str, budget: Decimal) -> dict[str, Any]:
+    """The recording of the objective itself (1 - budget), for the dashboard's budget row."""
+    return {
+        "record": OBJECTIVE,
+        "expr": f"vector({_number(1 - budget)})",
+        "labels": {"route": route.name, "slo": kind},
+    }
+
+
+def _ratio(record: str, expr: str, route: Route) -> dict[str, Any]:
+    return {"record": record, "expr": expr, "labels": {"route": route.name}}
 
 
 class _Dumper(yaml.SafeDumper):
