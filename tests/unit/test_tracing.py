@@ -4,12 +4,13 @@ replaced or started, decided from the client's headers alone."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
 from multidict import CIMultiDict
 
-from proxy.tracing import CURRENT, LOG_FILTER, identify, to_upstream
+from proxy.tracing import CURRENT, LOG_FILTER, _Randomness, identify, to_upstream
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -44,6 +45,25 @@ def test_a_missing_invalid_or_repeated_id_is_replaced(headers):
 def test_an_untrusted_id_is_replaced_and_every_new_id_differs():
     ids = {decide(("X-Request-Id", "mine"), trust=False).request_id for _ in range(100)}
     assert len(ids) == 100 and "mine" not in ids
+
+
+def test_ids_stay_unique_across_batches_of_randomness_and_in_a_forked_child():
+    made = [decide() for _ in range(3 * _Randomness.BATCH + 7)]
+    values = [v for i in made for v in (i.request_id, i.trace_id, i.traceparent.split("-")[2])]
+    assert len(set(values)) == len(values)
+    assert all(HEX.fullmatch(v) for v in values)
+    # A child forked mid-batch must not hand out what its parent will (register_at_fork).
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's exit code is checked below
+        os.close(read)
+        os.write(write, decide().request_id.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        from_child = pipe.read().decode()
+    assert os.waitpid(child, 0)[1] == 0
+    assert len(from_child) == 32 and from_child != decide().request_id
 
 
 def test_request_id_off():
