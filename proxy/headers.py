@@ -65,18 +65,16 @@ def _end_to_end(
         for token in value.split(",")
     }
     listed.discard("host")
+    verdicts = _verdicts(drop, underscores, check_names)
     out: CIMultiDict[str] = CIMultiDict()
     spelling: dict[str, str] = {}
     for name, value in headers.items():
-        if check_names and _FIELD_NAME.fullmatch(name) is None:
-            raise ValueError(f"invalid header name {name!r}")
-        lower = name.lower()
-        if lower in drop or lower in listed:
-            continue
-        if "_" in lower and (not underscores or lower.replace("_", "-") in _NOT_AS_UNDERSCORES):
-            # CGI and WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to one
-            # variable: a client could forge the proxy's own headers (nginx drops them too),
-            # and with underscores allowed, those still may not pass under another spelling.
+        lower = verdicts.get(name)
+        if lower is None:
+            lower = _verdict(name, drop, underscores, check_names)
+            if len(verdicts) < _MAX_VERDICTS and len(name) <= _MAX_KEPT_NAME:
+                verdicts[name] = lower  # names are the peer's: what is kept is bounded
+        if not lower or lower in listed:
             continue
         if not value.isascii():
             # aiohttp's parser keeps bytes that are not UTF-8 as surrogates, and its writer
@@ -90,6 +88,33 @@ def _end_to_end(
             name = spelling.setdefault(lower, name)
         out.add(name, value)
     return out
+
+
+def _verdict(name: str, drop: frozenset[str], underscores: bool, check_names: bool) -> str:
+    """A field name's lower-case form, or "" when the transform drops it whatever its value;
+    ValueError for a name that is not a token (never memoised)."""
+    if check_names and _FIELD_NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid header name {name!r}")
+    lower = name.lower()
+    if lower in drop:
+        return ""
+    if "_" in lower and (not underscores or lower.replace("_", "-") in _NOT_AS_UNDERSCORES):
+        # CGI and WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to one
+        # variable: a client could forge the proxy's own headers (nginx drops them too),
+        # and with underscores allowed, those still may not pass under another spelling.
+        return ""
+    return lower
+
+
+# Each transform's verdicts on the names it has seen, by spelling: the same few dozen names
+# come in every message, and deciding one afresh (lower-casing, the token check, the sets)
+# was most of the transform's cost. Bounded, since a peer can send any name it likes.
+_MAX_VERDICTS, _MAX_KEPT_NAME = 4096, 64  # at most 256 KiB of names per transform
+_VERDICTS: dict[tuple[frozenset[str], bool, bool], dict[str, str]] = {}
+
+
+def _verdicts(drop: frozenset[str], underscores: bool, check_names: bool) -> dict[str, str]:
+    return _VERDICTS.setdefault((drop, underscores, check_names), {})
 
 
 # Forwarded and X-Real-IP are never believed: only X-Forwarded-For/-Proto/-Host are walked or

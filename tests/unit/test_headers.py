@@ -126,3 +126,31 @@ def test_from_a_trusted_proxy_no_forwarding_header_passes_spelled_with_underscor
     got = to_upstream(CIMultiDict(items), peer="10.0.0.1", scheme="http", host=None,
                       trusted=True, underscores=True)  # fmt: skip
     assert [name for name in got if "_" in name] == ["X_Custom"]
+
+
+def test_a_names_verdict_is_remembered_per_transform_and_never_across_them():
+    forwarded = [("X-Forwarded-Proto", "https"), ("X_Custom", "1"), ("X-Keep", "2")]
+    for _ in range(2):  # the second time from the remembered verdicts
+        assert upstream_headers(forwarded)[:1] == [("X-Keep", "2")]
+        assert upstream_headers(forwarded, trusted=True)[0] == ("X-Forwarded-Proto", "https")
+        assert upstream_headers(forwarded, underscores=True)[:2] == [
+            ("X_Custom", "1"),
+            ("X-Keep", "2"),
+        ]
+        assert list(to_client(forwarded).items()) == forwarded
+        # A name Connection lists is dropped for that message only, remembered or not.
+        listed = [("Connection", "X-Keep"), *forwarded]
+        assert list(to_client(listed)) == ["X-Forwarded-Proto", "X_Custom"]
+
+
+def test_what_a_peer_can_make_the_transform_remember_is_bounded():
+    sent = [(f"X-{i}-{'n' * (i % 100)}", "v") for i in range(3 * headers._MAX_VERDICTS)]
+    for start in range(0, len(sent), 100):  # as many messages, each within the parser's limit
+        chunk = sent[start : start + 100]
+        assert list(to_client(chunk).items()) == chunk
+    remembered = headers._verdicts(headers.HOP_BY_HOP, True, True)
+    assert len(remembered) <= headers._MAX_VERDICTS
+    assert max(map(len, remembered)) <= headers._MAX_KEPT_NAME
+    with pytest.raises(ValueError):  # refused each time, never remembered
+        to_client([("Bad Name", "v")])
+    assert "Bad Name" not in remembered
