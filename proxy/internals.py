@@ -9,9 +9,10 @@ Checked against aiohttp 3.14.5 (pyproject pins ~=3.14.0). Knows nothing else.
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import aiohttp
-from aiohttp import http_writer, web
+from aiohttp import helpers, http_writer, web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import BaseConnector, Connection
 from aiohttp.web_protocol import RequestHandler
@@ -29,7 +30,8 @@ _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
       "_reading_paused", "_keepalive_timeout", "_loop", "_message_tail", "_force_close")),
     ("ResponseHandler", ResponseHandler, ("_drop_timeout",)),
     ("StreamResponse", web.StreamResponse,
-     ("_prepare_headers", "_send_headers_immediately")),
+     ("_prepare_headers", "_send_headers_immediately", "_req", "_payload_writer", "_eof_sent",
+      "_must_be_empty_body", "_keep_alive")),
     ("BaseSite", web.BaseSite, ("_server", "_runner", "_backlog", "_ssl_context")),
 )  # fmt: skip
 _INSTANCE_NAMES = {
@@ -80,12 +82,22 @@ async def check_aiohttp(
     # wire.py writes a request head as ClientRequest.send does, with aiohttp's serialiser.
     if not callable(getattr(http_writer, "_serialize_headers", None)):
         missing.append("http_writer._serialize_headers")
-    # deadlines.py lets an answered request's state go (BaseRequest lists its attributes).
+    # deadlines.py lets an answered request's state go (BaseRequest lists its attributes);
+    # listener.py's ForwardedResponse writes its head on the request's _payload_writer.
     missing += [
         f"BaseRequest.{name}"
-        for name in ("_message", "_headers", "_rel_url", "_cache")
+        for name in ("_message", "_headers", "_rel_url", "_cache", "_payload_writer")
         if name not in web.BaseRequest.ATTRS
     ]
+    # ForwardedResponse decides its head with aiohttp's own rules, and is made around the
+    # header multidict respond.py built (no copy).
+    missing += [
+        f"helpers.{name}"
+        for name in ("must_be_empty_body", "should_remove_content_length", "rfc822_formatted_time")
+        if not callable(getattr(helpers, name, None))
+    ]
+    if "_real_headers" not in inspect.signature(web.StreamResponse).parameters:
+        missing.append("StreamResponse(_real_headers=)")
     try:
         missing += [
             f"{owner}.{name}"

@@ -27,6 +27,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
@@ -184,12 +186,12 @@ class ProxyHTTPServer(web.Server):
         await waiter
 
 
-_MAY_BE_INVENTED = ("Server", "Content-Type")
-
-
 class ForwardedResponse(web.StreamResponse):
     """A response whose status, reason and headers are copied from the upstream's.
 
+    Its head is made in one synchronous step (`_head`) rather than aiohttp's five coroutines,
+    which also invent a `Server` header and `Content-Type: application/octet-stream` and drop a
+    304's `Content-Length`; what it keeps of them is the framing, `Date` and `Connection`.
     Its headers are held back until the first body write, so that a small response leaves in
     one write instead of two (bench/: about 10% less CPU per request). Whoever prepares it
     must call `flush_headers()` before waiting for a body that is not there yet.
@@ -200,17 +202,55 @@ class ForwardedResponse(web.StreamResponse):
     def flush_headers(self, request: web.BaseRequest) -> None:
         request.writer.send_headers()
 
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._payload_writer is not None or self._eof_sent:
+            return await super().prepare(request)  # prepared before: aiohttp's answer
+        writer = request._payload_writer
+        status_line = self._head(request, writer)
+        self._req, self._payload_writer = request, writer
+        await writer.write_headers(status_line, self.headers)
+        return writer
+
+    def _head(self, request: web.BaseRequest, writer: AbstractStreamWriter) -> str:
+        """What aiohttp's StreamResponse._prepare_headers decides (3.14.5), for a response with
+        no cookies, compression or chunked flag of its own: the body's framing to the client,
+        `Date` when the upstream sent none, and `Connection` where keep-alive differs from
+        the version's default. Returns the status line."""
+        method, status, headers = request.method, self.status, self.headers
         stamp(headers)  # the request ID, when the request had one (tracing.py)
-        absent = [name for name in _MAY_BE_INVENTED if name not in headers]
-        # RFC 9110 §8.6 lets a 304 carry the Content-Length of the representation.
-        length_304 = headers.get("Content-Length") if self.status == 304 else None
-        await super()._prepare_headers()
-        for name in absent:
-            headers.popall(name, None)
-        if length_304 is not None:
-            headers["Content-Length"] = length_304
+        empty = must_be_empty_body(method, status)
+        self._must_be_empty_body = empty
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        version = request.version
+        length = headers.get("Content-Length")
+        writer.length = None if length is None else int(length)
+        if empty:
+            # RFC 9110 §8.6: a 304 may carry the representation's length; 1xx and 204 not.
+            if (
+                length is not None
+                and status != 304
+                and should_remove_content_length(method, status)
+            ):
+                del headers["Content-Length"]
+            headers.popall("Transfer-Encoding", None)  # RFC 9112 §6.1
+        elif length is None:
+            if version >= HttpVersion11:
+                writer.enable_chunking()
+                headers["Transfer-Encoding"] = "chunked"
+            else:
+                keep_alive = False  # an HTTP/1.0 client reads an unframed body to the close
+        if "Date" not in headers:
+            headers["Date"] = rfc822_formatted_time()
+        if "Connection" not in headers:
+            if keep_alive:
+                if version == HttpVersion10:
+                    headers["Connection"] = "keep-alive"
+            elif version == HttpVersion11:
+                headers["Connection"] = "close"
+        self._keep_alive = keep_alive
+        return f"HTTP/{version[0]}.{version[1]} {status} {self.reason}"
 
 
 def handler_kwargs(

@@ -104,6 +104,13 @@ async def copy_body(
         chunk = source.read_nowait()
     except UPSTREAM_ERRORS as exc:
         return classify(exc), exc
+    if source.at_eof():  # the whole body came with the head: head, body and end in one write
+        try:
+            await response.write_eof(chunk)
+        except ConnectionError as exc:
+            return CLIENT_ABORT, exc
+        exchange.bytes_sent += len(chunk)
+        return None
     if not chunk:
         response.flush_headers(request)
     while True:
@@ -138,7 +145,8 @@ def forwardable(upstream_response: UpstreamResponse, upgrading: bool) -> Forward
     # bytes after it are not HTTP (RFC 9110 §15.2.2).
     elif not 200 <= status <= 599:
         raise ValueError(f"status {status} cannot answer this request")
-    return ForwardedResponse(status=status, reason=upstream_response.reason, headers=headers)
+    # _real_headers: the multidict made above becomes the response's own (aiohttp would copy it).
+    return ForwardedResponse(status=status, reason=upstream_response.reason, _real_headers=headers)
 
 
 def refuse(exchange: Exchange, refusal: intake.Refusal) -> web.Response:
