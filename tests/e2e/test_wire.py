@@ -143,3 +143,44 @@ async def test_a_target_written_in_capitals_keeps_one_pool_for_every_method(back
     finally:
         await client.close()
     assert origin.connections == 1
+
+
+def _varied(request) -> bytes:
+    """An answer framed as the request's path says."""
+    path = request.target
+    if path.startswith("/chunked"):
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    if path.startswith("/empty"):
+        return http_response(204, "No Content", content_length=False)
+    if path.startswith("/same"):
+        return http_response(304, "Not Modified", [("ETag", '"v"'), ("Content-Length", "5")])
+    if request.method == "HEAD":  # the same head as a GET's, without the body
+        return http_response(headers=[("Content-Length", "5")])
+    return http_response(body=b"hello")
+
+
+async def test_one_pooled_connection_answers_every_kind_of_response_in_turn(backend, proxy):
+    """A connection's response parser is made again only when what it must parse changes
+    (HEAD or not, the read timeout): bodies, framings and bodiless answers in any order, and
+    requests with a body (the session's path) between them, each reach the client whole."""
+    origin = await backend(answering(_varied))
+    server = await proxy(config_dict({"app": upstream(origin.url, pool={"limit": 1})}))
+    post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    head = b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"
+    sequence = [get("/a"), head, get("/chunked"), get("/empty"), head, get("/same"), post,
+                get("/b"), head, head, get("/chunked"), post, get("/c")]  # fmt: skip
+    client = await RawClient.connect(server.proxy_address[1])
+    try:
+        answers = [
+            await client.request(raw, head_request=raw.startswith(b"HEAD")) for raw in sequence
+        ]
+    finally:
+        await client.close()
+    assert [(a.status, a.body) for a in answers] == [
+        (200, b"hello"), (200, b""), (200, b"hello"), (204, b""), (200, b""), (304, b""),
+        (200, b"hello"), (200, b"hello"), (200, b""), (200, b""), (200, b"hello"),
+        (200, b"hello"), (200, b"hello"),
+    ]  # fmt: skip
+    assert [a.header("Content-Length") for a in answers[:2]] == ["5", "5"]
+    assert origin.connections == 1
+    assert [r.method for r in origin.requests] == [raw.split(b" ")[0].decode() for raw in sequence]
