@@ -7,6 +7,7 @@ Knows nothing of sockets or aiohttp request objects.
 from __future__ import annotations
 
 import re
+from collections.abc import Set as AbstractSet
 
 from multidict import CIMultiDict, MultiMapping
 
@@ -59,12 +60,11 @@ def _end_to_end(
 ) -> CIMultiDict[str]:
     # Names listed in Connection are hop-by-hop for this message too (RFC 9110 §7.6.1), except
     # Host: a request has exactly one, whatever Connection says (AIOHTTP-NOTES §1.16).
-    listed = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    listed.discard("host")
+    connection = headers.getall("Connection", None)
+    listed: AbstractSet[str] = _NONE_LISTED
+    if connection is not None:
+        tokens = {token.strip().lower() for value in connection for token in value.split(",")}
+        listed = tokens - _HOST
     verdicts = _verdicts(drop, underscores, check_names)
     out: CIMultiDict[str] = CIMultiDict()
     spelling: dict[str, str] = {}
@@ -105,6 +105,9 @@ def _verdict(name: str, drop: frozenset[str], underscores: bool, check_names: bo
         return ""
     return lower
 
+
+_NONE_LISTED: frozenset[str] = frozenset()
+_HOST = frozenset({"host"})
 
 # Each transform's verdicts on the names it has seen, by spelling: the same few dozen names
 # come in every message, and deciding one afresh (lower-casing, the token check, the sets)

@@ -82,9 +82,16 @@ class WireResponse:
 
 
 def _request_headers(url: URL, given: CIMultiDict[str], force_close: bool) -> CIMultiDict[str]:
-    """The headers as ClientRequest makes them, in a new multidict (a retry reuses `given`):
-    Host first, the target's unless one is given (its value then takes that first place), the
-    others in order; `Connection: close` last when the pool never reuses a connection."""
+    """The headers as ClientRequest makes them: Host first, the target's unless one is given
+    (its value then takes that first place), the others in order; `Connection: close` last
+    when the pool never reuses a connection. `given` itself when it is already so, else a new
+    multidict: it is never changed, since a retry sends it again."""
+    if (
+        not force_close
+        and next(iter(given), "").lower() == "host"
+        and len(given.getall("Host")) == 1
+    ):
+        return given
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Host"] = url.host_port_subcomponent or ""
     for name, value in given.items():
