@@ -239,6 +239,20 @@ async def test_chromium_renders_the_scenarios_figures(backend, proxy, tmp_path):
     assert re.search(r'<p id="freshness" class="">updated ', dom), dom[:3000]
 
 
+async def test_behind_a_path_prefix_without_its_slash_the_page_still_finds_its_json(
+    backend, proxy, tmp_path
+):
+    """Opened as /ops through a front proxy that maps /ops to the admin's /, the page asks for
+    /ops/status.json, not /status.json (which the front does not route)."""
+    scene = await start_scene(backend, proxy)
+    ops = {"name": "ops", "match": {"path_prefix": "/ops"}, "upstream": "admin",
+           "rewrite": {"prefix": "/"}}  # fmt: skip
+    front = await proxy({**config_dict({"admin": upstream(scene.admin)}), "routes": [ops]})
+    dom = await browse(f"http://127.0.0.1:{front.proxy_address[1]}/ops", tmp_path / "profile")
+    assert "shop" in row(dom, "upstream", "shop")
+    assert re.search(r'<p id="freshness" class="">updated ', dom), dom[:3000]
+
+
 async def test_the_page_shows_the_last_reload_and_escapes_config_text(backend, with_file, tmp_path):
     scene = await start_scene(backend, with_file)
     path = tmp_path / "proxy.yaml"
