@@ -67,7 +67,7 @@ def demo_backends(config: Config) -> list[tuple[str, int]]:
     return found
 
 
-async def run_demo(config: Config) -> None:
+async def run_demo(config: Config, config_path: str) -> None:
     runners = []
     try:
         for host, port in demo_backends(config):
@@ -87,7 +87,7 @@ async def run_demo(config: Config) -> None:
             "127.0.0.1" if listen.host == "0.0.0.0" else listen.host,
             listen.port,
         )
-        await serve(config)
+        await serve(config, config_path)  # SIGHUP and POST /reload read it again
     finally:
         for runner in runners:
             await runner.cleanup()
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        run(config.event_loop, lambda: run_demo(config))
+        run(config.event_loop, lambda: run_demo(config, args.config))
     except StartupError as exc:
         print(f"proxy demo: {exc}", file=sys.stderr)
         return 1
