@@ -102,8 +102,6 @@ class GuardedResponseHandler(ResponseHandler):
         self.pooled = False
         self.answered = False  # a byte of the current request's response has come
         self.close_reason: str | None = None  # one of CLOSE_REASONS, once decided
-        # What its response parser was made for by wire.py (None: by aiohttp, or not yet).
-        self.parser_for: tuple[bool, float | None] | None = None
         self._on_stray = on_stray
         self._on_lost = on_lost
 
@@ -115,10 +113,6 @@ class GuardedResponseHandler(ResponseHandler):
             return
         self.answered = True
         super().data_received(data)
-
-    def set_response_params(self, **params: Any) -> None:
-        self.parser_for = None  # the session's request: a parser wire.py did not make
-        super().set_response_params(**params)
 
     def close(self) -> None:
         # aiohttp closes an idle connection unasked only when pool.keepalive_timeout ran out

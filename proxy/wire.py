@@ -35,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.balancing import TargetState
-from proxy.pool import GuardedResponseHandler, PoolConnector, key_request
+from proxy.pool import PoolConnector, key_request
 
 METHODS = frozenset({"GET", "HEAD"})  # what may go this way (with no body, no upgrade)
 
@@ -151,27 +151,18 @@ class Request:
         protocol = connection.protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
             raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
-        parser_for = (self._method == "HEAD", self._timeout.sock_read)
-        if getattr(protocol, "parser_for", None) != parser_for:
-            # A new response parser only when this connection's last was made for another
-            # kind of request: it parses one response after another, as it would pipelined
-            # ones (aiohttp made one per request: 3% of a request's CPU, bench/profile.py).
-            # A connection whose response was not read to its end is never reused.
-            protocol.set_response_params(
-                skip_payload=parser_for[0],
-                # A body without Content-Length or chunked framing ends when the upstream
-                # closes.
-                read_until_eof=True,
-                auto_decompress=False,
-                read_timeout=parser_for[1],
-                read_bufsize=DEFAULT_CHUNK_SIZE,
-                timeout_ceil_threshold=self._connector._timeout_ceil_threshold,
-                max_line_size=_MAX_LINE,
-                max_field_size=_MAX_FIELD,
-                max_headers=_MAX_HEADERS,
-            )
-            if isinstance(protocol, GuardedResponseHandler):
-                protocol.parser_for = parser_for
+        protocol.set_response_params(
+            skip_payload=self._method == "HEAD",
+            # A body without Content-Length or chunked framing ends when the upstream closes.
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=self._timeout.sock_read,
+            read_bufsize=DEFAULT_CHUNK_SIZE,
+            timeout_ceil_threshold=self._connector._timeout_ceil_threshold,
+            max_line_size=_MAX_LINE,
+            max_field_size=_MAX_FIELD,
+            max_headers=_MAX_HEADERS,
+        )
         headers = _request_headers(self._url, self._headers, self._connector.force_close)
         # aiohttp's serialiser: the same bytes, the same refusal of a control character.
         head = _serialize_headers(f"{self._method} {self._url.raw_path_qs} HTTP/1.1", headers)
