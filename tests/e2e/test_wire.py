@@ -184,3 +184,45 @@ async def test_one_pooled_connection_answers_every_kind_of_response_in_turn(back
     assert [a.header("Content-Length") for a in answers[:2]] == ["5", "5"]
     assert origin.connections == 1
     assert [r.method for r in origin.requests] == [raw.split(b" ")[0].decode() for raw in sequence]
+
+
+def _first_with_stray(stray: bytes) -> Handler:
+    """A backend whose first answer is followed, in the same write, by the start of another."""
+
+    async def handler(
+        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (request := await read_request(reader)) is not None:
+            backend.record(request)
+            first = len(backend.requests) == 1
+            writer.write(
+                http_response(body=b"first") + stray if first else http_response(body=b"second")
+            )
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [b"H", b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/\r\nX-Junk: "],
+    ids=["one-byte", "redirect-prefix"],
+)
+async def test_a_partial_response_after_a_response_never_reaches_the_next_request(
+    backend, proxy, stray
+):
+    """The start of a response nobody asked for, in the same read as the one asked for, is
+    parsed by no later request: the next client gets its own answer, not a 302 made of the
+    stray head and its body (a response parser kept across requests did that; review)."""
+    origin = await backend(_first_with_stray(stray))
+    server = await proxy(config_dict({"app": upstream(origin.url)}))
+    answers = []
+    for path in ("/1", "/2"):  # two clients, one after the other
+        client = await RawClient.connect(server.proxy_address[1])
+        try:
+            answers.append(await client.request(get(path)))
+        finally:
+            await client.close()
+        await asyncio.sleep(0.1)  # the stray bytes are in before the next request
+    assert [(a.status, a.body) for a in answers] == [(200, b"first"), (200, b"second")]
+    assert answers[1].header("Location") is None
