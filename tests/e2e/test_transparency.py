@@ -313,6 +313,22 @@ async def test_http_1_0_client_is_served(backend, proxy):
     assert origin.requests[0].version == "HTTP/1.1"
 
 
+async def test_an_unframed_body_to_an_http_1_0_keep_alive_client_ends_with_the_close(
+    backend, proxy
+):
+    """HTTP/1.0 has no chunked framing: a body of unknown length ends when the connection
+    closes, so the proxy must close it even though the client asked to keep it (aiohttp's own
+    prepare kept it open, and the client waited out the keep-alive timeout; review)."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    origin = await backend(answering(chunked))
+    server = await proxy(config_dict({"app": upstream(origin.url)}))
+    request = b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    raw = await exchange(server.proxy_address[1], request, within=2.0)  # until the close
+    head, _, received = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK") and received == b"hello"
+    assert b"keep-alive" not in head.lower()
+
+
 async def test_cookies_never_cross_between_clients_with_a_hostname_target(backend, proxy):
     # With an IP target aiohttp's default jar silently drops cookies, hiding the bug;
     # "localhost" is a hostname, so a shared jar would store and replay them.
