@@ -187,20 +187,9 @@ async def test_one_pooled_connection_answers_every_kind_of_response_in_turn(back
 
 
 def _first_with_stray(stray: bytes) -> Handler:
-    """A backend whose first answer is followed, in the same write, by the start of another."""
-
-    async def handler(
-        backend: RawBackend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        while (request := await read_request(reader)) is not None:
-            backend.record(request)
-            first = len(backend.requests) == 1
-            writer.write(
-                http_response(body=b"first") + stray if first else http_response(body=b"second")
-            )
-            await writer.drain()
-
-    return handler
+    """A backend whose answer to /1 is followed, in the same write, by the start of another."""
+    first, second = http_response(body=b"first") + stray, http_response(body=b"second")
+    return answering(lambda request: first if request.target == "/1" else second)
 
 
 @pytest.mark.parametrize(
