@@ -31,7 +31,7 @@ _CLASS_NAMES: tuple[tuple[str, type, tuple[str, ...]], ...] = (
     ("ResponseHandler", ResponseHandler, ("_drop_timeout",)),
     ("StreamResponse", web.StreamResponse,
      ("_prepare_headers", "_send_headers_immediately", "_req", "_payload_writer", "_eof_sent",
-      "_must_be_empty_body", "_keep_alive")),
+      "_keep_alive")),
     ("BaseSite", web.BaseSite, ("_server", "_runner", "_backlog", "_ssl_context")),
 )  # fmt: skip
 _INSTANCE_NAMES = {

@@ -219,7 +219,6 @@ class ForwardedResponse(web.StreamResponse):
         method, status, headers = request.method, self.status, self.headers
         stamp(headers)  # the request ID, when the request had one (tracing.py)
         empty = must_be_empty_body(method, status)
-        self._must_be_empty_body = empty
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
