@@ -416,12 +416,13 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 
 class ProxyProcess:
-    """`python -m proxy --config FILE` in a subprocess, started and waited for like a user would."""
+    """`python -m proxy --config FILE` in a subprocess, started and waited for like a user would
+    (`module`: another entry point that takes --config, such as proxy.demo)."""
 
-    def __init__(self, config_path: Path, admin_port: int) -> None:
+    def __init__(self, config_path: Path, admin_port: int, module: str = "proxy") -> None:
         self.admin_port = admin_port
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(config_path)],
+            [sys.executable, "-m", module, "--config", str(config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

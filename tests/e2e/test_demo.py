@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from tests.support import REPO, free_port
+from tests.support import REPO, ProxyProcess, free_port
 
 
 def demo_config(tmp_path: Path) -> tuple[Path, int, int]:
@@ -39,37 +36,19 @@ def fetch(url: str, method: str = "GET") -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-def wait_ready(process: subprocess.Popen[str], admin_port: int, within: float = 15) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the demo exited early: {process.communicate()}")
-        try:
-            if fetch(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200:
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("the demo did not become ready")
-
-
 def test_the_demo_answers_reloads_its_config_and_stops_on_ctrl_c(tmp_path):
     path, port, admin = demo_config(tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy.demo", "--config", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+    demo = ProxyProcess(path, admin, module="proxy.demo")
     try:
-        wait_ready(process, admin)
+        demo.wait_ready()
         status, body = fetch(f"http://127.0.0.1:{port}/api/hello")
         assert status == 200 and json.loads(body)["target"] == "/api/hello"
         # The demo serves config.yaml as `python -m proxy` does: a reload reads it again.
         status, body = fetch(f"http://127.0.0.1:{admin}/reload", method="POST")
         assert status == 200, body
         assert fetch(f"http://127.0.0.1:{port}/api/hello")[0] == 200
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
-        assert process.returncode == 0, stderr
+        demo.signal(signal.SIGINT)
+        returncode, stderr = demo.wait(timeout=30)
+        assert returncode == 0, stderr
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        demo.kill()
