@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -116,6 +117,35 @@ def threads_line(stacks: Counter[tuple[str, ...]], cpu: dict[int, float]) -> str
     return "Threads while sampled: " + "; ".join(parts) + "."
 
 
+# Where a sample's time goes, by the first rule one of its frames meets (function names as
+# py-spy gives them; a subclass's "GuardedResponseHandler.data_received" meets a suffix rule).
+PHASES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("socket writes (send), to the client and upstream", lambda f: f.endswith("Transport.write")),
+    ("aiohttp after the handler (finish_response)", lambda f: f.endswith(".finish_response")),
+    ("the request handler, its sends left out (routing, the upstream exchange, the response)",
+     lambda f: f == "RequestHandler._handle_request"),
+    ("aiohttp's connection loop between handlers (RequestHandler.start)",
+     lambda f: f.endswith("Handler.start")),
+    ("upstream bytes in: response parser (ResponseHandler.data_received)",
+     lambda f: f.endswith("ResponseHandler.data_received")),
+    ("client bytes in: request parser (RequestHandler.data_received)",
+     lambda f: f.endswith("Handler.data_received")),
+    ("socket reads and the transport around them (recv)", lambda f: "._read_ready" in f),
+)  # fmt: skip
+LOOP_PHASE = "the event loop itself (select, callbacks, timers)"
+
+
+def phases(stacks: Counter[tuple[str, ...]]) -> Counter[str]:
+    """Samples per phase (PHASES, else the event loop's own)."""
+    counts: Counter[str] = Counter()
+    for stack, count in stacks.items():
+        names = [parse_frame(frame)[0] for frame in stack]
+        counts[next((phase for phase, meets in PHASES if any(map(meets, names))), LOOP_PHASE)] += (
+            count
+        )
+    return counts
+
+
 def report(stacks: Counter[tuple[str, ...]], heading: str, facts: list[str]) -> str:
     samples = sum(stacks.values())
     if not samples:
@@ -139,11 +169,21 @@ def report(stacks: Counter[tuple[str, ...]], heading: str, facts: list[str]) -> 
         return "\n".join(lines)
 
     by_total = [(f, n) for f, n in total.most_common() if f not in scaffolding][:TOP]
+    by_phase = phases(stacks)
     parts = [
         heading,
         "",
         *facts,
         f"{samples:,} busy samples (idle ones left out); percentages are of those.",
+        "",
+        "### Where the time goes",
+        "",
+        "| phase | % |",
+        "|---|---|",
+        *(
+            f"| {phase} | {100 * by_phase[phase] / samples:.1f} |"
+            for phase in [*(p for p, _ in PHASES), LOOP_PHASE]
+        ),
         "",
         f"### Top {TOP} by self time",
         "",
@@ -181,6 +221,7 @@ def main() -> int:
     parser.add_argument("--config", type=Path, help="profile `python -m proxy --config FILE`")
     parser.add_argument("--url", help="with --config: the URL that wrk requests")
     parser.add_argument("--output", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw samples here")
     args = parser.parse_args()
     if bool(args.config) != bool(args.url):
         parser.error("--config and --url go together")
@@ -252,6 +293,8 @@ def main() -> int:
                 )
                 return 1
             stacks = read_samples(raw)
+            if args.raw:
+                shutil.copyfile(raw, args.raw)
             loop_thread = f"thread ({pid}): MainThread"  # the event loop runs in the main thread
         finally:
             if spy is not None and spy.poll() is None:
