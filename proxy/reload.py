@@ -89,4 +89,9 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     # How this very reload is verified (rollback.py): applied by it, not at a restart.
     verify = _differences(old.reload, new.reload, "reload")
     lines += ["reload changed: " + "; ".join(verify)] if verify else []
-    return sorted(lines, key=lambda line: (line.split(" ")[0], line)) or ["no changes"]
+    return sorted(lines, key=by_kind) or ["no changes"]
+
+
+def by_kind(line: str) -> tuple[str, str]:
+    """The order of a reload's lines: by what changed (admin, listen, reload, route, upstream)."""
+    return line.split(" ")[0], line

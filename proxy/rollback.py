@@ -12,8 +12,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.config import MAX_VERIFY, Config, ListenTLS
@@ -22,6 +22,7 @@ from proxy.recent import SPAN, Key, Recent
 if TYPE_CHECKING:
     from proxy.certificates import CertificateSet
     from proxy.guard import AdminPolicy
+    from proxy.upstream import ClientTLS
 
 log = logging.getLogger("proxy")
 
@@ -50,22 +51,26 @@ class Counts:
 @dataclass(frozen=True, slots=True)
 class InForce:
     """What a reload replaces and a rollback restores: the config, and what was read from files
-    with it (the admin token, the listener's certificates, the file's hash), so a rollback does
-    not read the file again: it holds the config being rolled back."""
+    with it (the admin token, the listener's certificates, the file's hash, the upstreams' TLS
+    files), so a rollback does not read the files again: they hold what is being rolled back."""
 
     config: Config
     policy: AdminPolicy
     certificates: tuple[ListenTLS, CertificateSet] | None
     config_hash: str
+    # Each upstream's TLS as read (upstream.py): a rollback of a reload that re-read changed
+    # files restores these, since the files now hold what failed.
+    upstream_tls: Mapping[str, ClientTLS] = field(default_factory=dict)
 
 
-def watched(old: Config, new: Config) -> list[Key]:
-    """The routes and upstreams `new` adds or changes (targets and discovery included): the ones
-    a reload from `old` can break. Removed ones get no traffic; unchanged ones are not its doing."""
+def watched(old: Config, new: Config, reread: Collection[str] = ()) -> list[Key]:
+    """The routes and upstreams `new` adds or changes (targets and discovery included), and the
+    upstreams in `reread` (their TLS files changed: built again from them): the ones a reload
+    from `old` can break. Removed ones get no traffic; unchanged ones are not its doing."""
     keys: list[Key] = [
         ("upstream", name)
         for name, settings in new.upstreams.items()
-        if old.upstreams.get(name) != settings
+        if old.upstreams.get(name) != settings or name in reread
     ]
     before = {route.name: route for route in old.routes}
     keys += [("route", route.name) for route in new.routes if before.get(route.name) != route]
@@ -88,12 +93,14 @@ def judge(key: Key, after: Counts, before: Counts, max_error_ratio: float) -> st
     )
 
 
-def describe_watch(old: Config, new: Config, seconds: float) -> str | None:
+def describe_watch(
+    old: Config, new: Config, seconds: float, reread: Collection[str] = ()
+) -> str | None:
     """What a verification of `seconds` watches, for the reload's answer and `--check --diff`:
     "verify 30 s: watching route api, upstream api-v2 (max_error_ratio 0.05)"; None if nothing."""
     if seconds <= 0:
         return None
-    keys = watched(old, new)
+    keys = watched(old, new, reread)
     if not keys:
         return f"verify {seconds:g} s: nothing added or changed to watch"
     return (
@@ -131,6 +138,10 @@ class Verification:
     a key already watched keeps its ratio from before the first reload (the minute before the
     second may hold the first one's damage); and the watch lasts until the later of the two
     ends. A repeated SIGHUP with nothing changed cannot clear a bad reload's watch.
+
+    An upstream whose TLS files changed is built again from them by a reload even if its
+    settings did not (`reread`): it is watched as a changed one, and a rollback gives it back
+    the TLS it had read before (`InForce.upstream_tls`).
     """
 
     def __init__(
@@ -142,11 +153,14 @@ class Verification:
         verdict: Verdict,
         clock: Callable[[], float] = time.monotonic,  # recent.py's clock
         follows: Verification | None = None,
+        reread: Collection[str] = (),  # upstreams built again because their TLS files changed
     ) -> None:
         if follows is not None:
             previous = follows.previous
+            reread = {*follows.reread, *reread}
         self.previous: InForce = previous
-        self.keys = watched(previous.config, new)
+        self.reread: frozenset[str] = frozenset(reread)
+        self.keys = watched(previous.config, new, self.reread)
         self.seconds = seconds
         self.max_error_ratio = new.reload.max_error_ratio
         # "verifying" once started, then "verified", "rolled_back" or "rollback_failed"

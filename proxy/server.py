@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -39,12 +39,12 @@ from proxy.metrics import ProxyMetrics
 from proxy.policy import route_policies
 from proxy.ratelimit import RateLimits, worker_count
 from proxy.recent import Recent
-from proxy.reload import ReloadOutcome, describe_changes
+from proxy.reload import ReloadOutcome, by_kind, describe_changes
 from proxy.rollback import InForce, Verification, describe_watch
 from proxy.routing import RoutingTable
 from proxy.snapshot import Snapshot
 from proxy.tls import tls_files_stamp
-from proxy.upstream import Upstream
+from proxy.upstream import ClientTLS, Upstream
 
 log = logging.getLogger("proxy")
 
@@ -54,20 +54,31 @@ class StartupError(Exception):
 
 
 async def build_snapshot(
-    config: Config, keep: Snapshot | None = None, rng: random.Random | None = None
+    config: Config,
+    keep: Snapshot | None = None,
+    rng: random.Random | None = None,
+    tls: Mapping[str, ClientTLS] | None = None,
 ) -> Snapshot:
     """The routing table and one Upstream per configured upstream. Upstreams of `keep` whose
-    settings did not change are taken over as they are, with their warm connections. If one
-    cannot be built (a certificate file unreadable, say), those built so far are closed."""
+    settings and TLS files did not change are taken over as they are, with their warm
+    connections. With `tls` (a rollback's: what each upstream had read before the reload),
+    an upstream is taken over only if it still has that TLS, else built with it, not from the
+    files. If one cannot be built (a certificate file unreadable, say), those built so far are
+    closed."""
     upstreams: dict[str, Upstream] = {}
     built: list[Upstream] = []
     try:
         for name, settings in config.upstreams.items():
             current = keep.upstreams.get(name) if keep is not None else None
-            if current is not None and current.settings == settings and not _rotated(current):
+            wanted = tls.get(name) if tls is not None else None
+            if (
+                current is not None
+                and current.settings == settings
+                and (current.tls is wanted if wanted is not None else not _rotated(current))
+            ):
                 upstreams[name] = current
             else:
-                upstreams[name] = Upstream(name, settings)
+                upstreams[name] = Upstream(name, settings, wanted)
                 built.append(upstreams[name])
                 if current is not None:
                     upstreams[name].succeed(current)
@@ -88,7 +99,32 @@ async def build_snapshot(
 def _rotated(upstream: Upstream) -> bool:
     """Whether the upstream's TLS files (tls.ca_file, tls.cert, tls.key) changed since it was
     built: a reload then builds it again, with the new CAs and certificate."""
-    return tls_files_stamp(upstream.settings.tls) != upstream.client_files
+    return tls_files_stamp(upstream.settings.tls) != upstream.tls.files
+
+
+def rebuilt_for_tls(old: Snapshot, new: Snapshot) -> list[str]:
+    """Upstreams `new` built again with the same settings: for their TLS files (a reload), or
+    their TLS from before it (a rollback)."""
+    return [
+        name
+        for name, upstream in new.upstreams.items()
+        if (before := old.upstreams.get(name)) is not None
+        and before is not upstream
+        and before.settings == upstream.settings
+    ]
+
+
+def _upstream_tls(snapshot: Snapshot) -> dict[str, ClientTLS]:
+    return {name: upstream.tls for name, upstream in snapshot.upstreams.items()}
+
+
+def _with_tls(changes: list[str], rebuilt: list[str], why: str) -> list[str]:
+    """A reload's or rollback's changes (describe_changes), with the upstreams built again for
+    their TLS alone: their connections are new, so "no changes" would not be the truth."""
+    if not rebuilt:
+        return changes
+    lines = [line for line in changes if line != "no changes"]
+    return sorted(lines + [f"upstream {name} rebuilt: {why}" for name in rebuilt], key=by_kind)
 
 
 def config_hash(config: Config, path: str | Path | None) -> str:
@@ -354,18 +390,22 @@ class ProxyServer:
             previous = self._in_force()
             reloaded = InForce(
                 new, admin_policy, (tls, certificates) if tls and certificates else None,
-                config_hash(new, self.config_path),
+                config_hash(new, self.config_path), _upstream_tls(snapshot),
             )  # fmt: skip
-            message = "; ".join(self._apply(reloaded, snapshot))
+            reread = rebuilt_for_tls(self.current(), snapshot)
+            changes = self._apply(reloaded, snapshot)
+            message = "; ".join(_with_tls(changes, reread, "its TLS files changed"))
             self.metrics.reloads["success"] += 1
             seconds = new.reload.verify if verify is None else verify
             verification = Verification(
-                previous, new, seconds, self.recent, self._verdict, follows=running
-            )
+                previous, new, seconds, self.recent, self._verdict, follows=running,
+                reread=reread,
+            )  # fmt: skip
             self._verification = verification
             watch = describe_watch(  # None when there is nothing to verify
-                verification.previous.config, new, verification.seconds_left if running else seconds
-            )
+                verification.previous.config, new,
+                verification.seconds_left if running else seconds, verification.reread,
+            )  # fmt: skip
             if watch is not None:
                 message += "; " + watch
             if verification.due and (seconds > 0 or running is not None):
@@ -379,7 +419,7 @@ class ProxyServer:
         return InForce(
             self.config, self.admin_guard.policy,
             (listening.tls, listening.current) if listening is not None else None,
-            self.metrics.config_hash,
+            self.metrics.config_hash, _upstream_tls(self.current()),
         )  # fmt: skip
 
     def _apply(self, state: InForce, snapshot: Snapshot, reloaded: bool = True) -> list[str]:
@@ -436,23 +476,29 @@ class ProxyServer:
         config = dataclasses.replace(
             verification.previous.config, admin=self.config.admin, listen=self.config.listen
         )
+        before = verification.previous.upstream_tls
         previous = InForce(
-            config, current.policy, current.certificates, verification.previous.config_hash
-        )
+            config, current.policy, current.certificates, verification.previous.config_hash,
+            before,
+        )  # fmt: skip
         try:
-            snapshot = await build_snapshot(config, self._snapshot, self._split_random)
+            snapshot = await build_snapshot(config, self._snapshot, self._split_random, before)
         except ConfigError as exc:  # a certificate file of the old config is gone, say
             log.error("reload not rolled back (%s): %s; still serving it", why, exc)
             verification.state = "rollback_failed"
             self.last_reload = ReloadOutcome("failure", time.time(), f"rollback failed: {exc}")
             return False, str(exc)
-        restored = "; ".join(self._apply(previous, snapshot, reloaded=False))
+        reread = rebuilt_for_tls(self.current(), snapshot)
+        changes = self._apply(previous, snapshot, reloaded=False)
+        restored = "; ".join(_with_tls(changes, reread, "its TLS from before the reload"))
         verification.state = "rolled_back"
         self.metrics.reloads["rolled_back"] += 1
         message = (
             f"{why}; restored: {restored}; the config file still holds the rolled-back "
             "config: fix it before the next reload"
         )
+        if reread:  # the TLS files hold what failed too: a reload would read them again
+            message += f" (and upstream {', '.join(reread)}'s TLS files)"
         log.error("reload rolled back: %s", message)
         self.last_reload = ReloadOutcome("rolled_back", time.time(), message)
         return True, message

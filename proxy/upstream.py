@@ -26,7 +26,7 @@ from proxy.discovery import Discovery, Found
 from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
 from proxy.policy import target_host
 from proxy.pool import Acquisition, PoolConnector
-from proxy.tls import Certificate, client_context, expired, tls_files_stamp
+from proxy.tls import Certificate, FileStamp, client_context, expired, tls_files_stamp
 from proxy.wire import UpstreamResponse
 
 if TYPE_CHECKING:
@@ -49,6 +49,33 @@ class TargetStats:
     url: str
     active: int
     idle: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """What an upstream read from its TLS files (tls.ca_file, tls.cert, tls.key): the context its
+    connections to https targets use, the client certificate in it, and the files' versions as
+    they were read. A reload that finds the files changed builds the upstream again; its
+    rollback builds it from the ClientTLS it had before, not from the files (server.py)."""
+
+    context: Any  # ssl.SSLContext; True when no target is https (aiohttp's default)
+    certificate: Certificate | None  # tls.cert, presented to https targets that ask
+    files: FileStamp
+
+
+def read_client_tls(name: str, settings: config.Upstream) -> ClientTLS:
+    """The upstream's ClientTLS from its files (none read unless a target is https)."""
+    files = tls_files_stamp(settings.tls)  # first: a file replaced meanwhile is read again
+    https = any(
+        (t.url if isinstance(t, config.Target) else t.scheme + ":").startswith("https:")
+        for t in settings.targets
+    )
+    if not https:
+        return ClientTLS(True, None, files)
+    context, certificate = client_context(settings.tls, f"upstreams.{name}.tls")
+    for line in expired(filter(None, [certificate])):
+        log.warning("%s; presenting it anyway (--check fails on it)", line)
+    return ClientTLS(context, certificate, files)
 
 
 def _proxy_session(connector: PoolConnector, timeouts: config.Timeouts) -> aiohttp.ClientSession:
@@ -79,7 +106,8 @@ class Upstream:
     its dns/srv targets once; `start()` begins health checks, discovery and warming; close
     with `aclose()`."""
 
-    def __init__(self, name: str, settings: config.Upstream) -> None:
+    def __init__(self, name: str, settings: config.Upstream, tls: ClientTLS | None = None) -> None:
+        """`tls`: what to verify and present with, instead of reading the files again."""
         self.name = name
         self.settings = settings
         tls_name = settings.tls.server_name
@@ -108,21 +136,13 @@ class Upstream:
         self.panicking = False
         self.drained: asyncio.Event | None = None  # set when a retiring upstream is idle
         pool = settings.pool
-        https = any(
-            (t.url if isinstance(t, config.Target) else t.scheme + ":").startswith("https:")
-            for t in settings.targets
-        )
         # Verify https targets (system CAs, or tls.ca_file); SNI and the expected certificate
         # name are the target's host (a discovered one's: the name it was found by) unless
         # tls.server_name says otherwise.
-        self.ssl: Any = True
-        self.client_certificate: Certificate | None = None  # tls.cert, presented to https targets
-        self.client_files = tls_files_stamp(settings.tls)  # server.py rebuilds it when they change
-        if https:
-            tls_path = f"upstreams.{name}.tls"
-            self.ssl, self.client_certificate = client_context(settings.tls, tls_path)
-            for line in expired(filter(None, [self.client_certificate])):
-                log.warning("%s; presenting it anyway (--check fails on it)", line)
+        self.tls = tls or read_client_tls(name, settings)  # server.py rebuilds on file changes
+        self.ssl: Any = self.tls.context
+        self.client_certificate = self.tls.certificate
+        https = self.ssl is not True
         self.connector = PoolConnector(
             name=name,
             ssl=self.ssl,

@@ -3,10 +3,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy.server import ProxyServer
-from tests.support import Handler, RawBackend, start_proxy
+from tests.support import Handler, Load, RawBackend, start_proxy
 
 BackendFactory = Callable[[Handler], Awaitable[RawBackend]]
 ProxyFactory = Callable[[dict[str, Any]], Awaitable[ProxyServer]]
@@ -41,3 +42,18 @@ async def proxy(backend: BackendFactory) -> AsyncIterator[ProxyFactory]:
     yield make
     for server in servers:
         await server.stop()
+
+
+@pytest.fixture
+async def loads() -> AsyncIterator[Callable[..., Load]]:
+    """Start Loads; each is stopped after the test (again, if the test stopped it: nothing is
+    left unclosed when an assertion fails first)."""
+    started: list[Load] = []
+
+    def start(url: str, loops: int = 2, connector: aiohttp.BaseConnector | None = None) -> Load:
+        started.append(Load(url, loops, connector))
+        return started[-1]
+
+    yield start
+    for load in started:
+        await load.stop()

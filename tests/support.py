@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 from proxy.config import parse_config
@@ -465,3 +466,29 @@ async def stop_process(process: asyncio.subprocess.Process, within: float = 10) 
     except TimeoutError:
         process.kill()
         await process.wait()
+
+
+class Load:
+    """`loops` clients sending GET `url` one after another until stopped; each answer is kept
+    with the time (monotonic) its request was sent. `connector`: e.g. one connection only."""
+
+    def __init__(self, url: str, loops: int = 2, connector: aiohttp.BaseConnector | None = None):
+        self.url = url
+        self.sent: list[tuple[float, int, bytes]] = []
+        self._session = aiohttp.ClientSession(connector=connector)
+        self._running = True
+        self._loops = [asyncio.create_task(self._loop()) for _ in range(loops)]
+
+    async def _loop(self) -> None:
+        while self._running:
+            sent = time.monotonic()
+            async with self._session.get(self.url) as response:
+                self.sent.append((sent, response.status, await response.read()))
+
+    def count(self, after: float = 0.0, status: int | None = None) -> int:
+        return sum(1 for t, s, _ in self.sent if t >= after and status in (None, s))
+
+    async def stop(self) -> None:
+        self._running = False
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._session.close()

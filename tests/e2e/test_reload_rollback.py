@@ -23,6 +23,7 @@ from tests.e2e.test_operations import Running, named, routes
 from tests.e2e.test_workers import started, stopped
 from tests.support import (
     RELOAD,
+    Load,
     RawRequest,
     answering,
     config_dict,
@@ -41,32 +42,6 @@ def targets(url: str) -> str:
     return f"[{{url: '{url}', weight: 1}}]"
 
 
-class Load:
-    """`loops` clients sending GET `url` one after another until stopped; each answer is kept
-    with the time (monotonic) its request was sent. `connector`: e.g. one connection only."""
-
-    def __init__(self, url: str, loops: int = 2, connector: aiohttp.BaseConnector | None = None):
-        self.url = url
-        self.sent: list[tuple[float, int, bytes]] = []
-        self._session = aiohttp.ClientSession(connector=connector)
-        self._running = True
-        self._loops = [asyncio.create_task(self._loop()) for _ in range(loops)]
-
-    async def _loop(self) -> None:
-        while self._running:
-            sent = time.monotonic()
-            async with self._session.get(self.url) as response:
-                self.sent.append((sent, response.status, await response.read()))
-
-    def count(self, after: float = 0.0, status: int | None = None) -> int:
-        return sum(1 for t, s, _ in self.sent if t >= after and status in (None, s))
-
-    async def stop(self) -> None:
-        self._running = False
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        await self._session.close()
-
-
 async def post_reload(
     port: int, query: str = "", headers: dict[str, str] | None = None
 ) -> tuple[int, str]:
@@ -77,21 +52,6 @@ async def post_reload(
         ) as response,
     ):
         return response.status, await response.text()
-
-
-@pytest.fixture
-async def loads() -> AsyncIterator[Callable[..., Load]]:
-    """Start Loads; each is stopped after the test (again, if the test stopped it: nothing is
-    left unclosed when an assertion fails first)."""
-    started: list[Load] = []
-
-    def start(url: str, loops: int = 2, connector: aiohttp.BaseConnector | None = None) -> Load:
-        started.append(Load(url, loops, connector))
-        return started[-1]
-
-    yield start
-    for load in started:
-        await load.stop()
 
 
 Reloadable = Callable[[dict[str, Any]], Awaitable[tuple[ProxyServer, Path]]]

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import ssl
+import time
 import warnings
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -453,6 +454,48 @@ async def test_reload_picks_up_a_renewed_upstream_client_certificate(
         assert (await server.reload())[0]
         async with session.get(url) as response:
             assert await response.text() == "hello client-v2"
+
+
+async def test_a_reload_that_reads_a_refused_upstream_client_certificate_is_rolled_back(
+    servers, mtls_backend, ca, client_ca, tmp_path, loads
+):
+    """Only the files changed, not the config: the upstream is built again from them, watched
+    like a changed one, and rolled back to the certificate it had read before (the files still
+    hold the refused one). Before, the reload said "no changes" and nothing was watched."""
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = write_pair(client_ca, tmp_path, "client-v1", "proxy.internal")
+    refused = write_pair(ca, tmp_path, "client-v2", "proxy.internal")  # not from client_ca
+    tls = {"ca_file": str(tmp_path / "ca.pem"), **client}
+    config = config_dict(
+        {"app": upstream(f"https://127.0.0.1:{mtls_backend}", tls=tls)},
+        reload={"verify": 5}, access_log={"enabled": False},
+    )  # fmt: skip
+    server = await start(servers, config, tmp_path / "proxy.yaml")
+    load = loads(f"http://127.0.0.1:{server.proxy_address[1]}/", loops=3)
+    await asyncio.sleep(1.2)  # a healthy second or more before the reload
+    replace_file(client["cert"], refused["cert"])
+    replace_file(client["key"], refused["key"])
+    reloaded = time.monotonic()
+    assert await server.reload() == (
+        True,
+        "upstream app rebuilt: its TLS files changed; verify 5 s: watching upstream app "
+        "(max_error_ratio 0.05)",
+    )
+    await eventually(lambda: server.metrics.reloads["rolled_back"] == 1, within=7)
+    assert server.last_reload is not None
+    assert "restored: upstream app rebuilt: its TLS from before the reload;" in (
+        server.last_reload.message
+    )
+    assert server.last_reload.message.endswith(
+        "fix it before the next reload (and upstream app's TLS files)"
+    )
+    seen = time.monotonic()
+    await asyncio.sleep(1)  # load on the restored upstream
+    await load.stop()
+    assert load.count(reloaded, status=502) > 0  # the refused certificate did break it
+    after = [(status, body) for sent, status, body in load.sent if sent >= seen]
+    assert len(after) > 20
+    assert after == [(200, b"hello client-v1")] * len(after)
 
 
 # --- the expiry gauge ---

@@ -85,6 +85,22 @@ def test_watched_are_the_added_and_changed_routes_and_upstreams_not_the_removed_
     assert watched(OLD, OLD) == []
 
 
+def test_an_upstream_built_again_for_its_tls_files_is_watched_as_a_changed_one() -> None:
+    assert watched(OLD, OLD, reread={"web"}) == [("upstream", "web")]
+    assert describe_watch(OLD, OLD, 5, reread={"web"}) == (
+        "verify 5 s: watching upstream web (max_error_ratio 0.05)"
+    )
+
+
+def test_a_reload_during_a_watch_keeps_watching_what_the_first_rebuilt_for_tls() -> None:
+    clock = Clock()
+    recent = Recent(clock)
+    previous = InForce(OLD, load_policy(OLD.admin), None, "0" * 16)
+    first = Verification(previous, OLD, 5, recent, no_verdict, clock, reread={"web"})
+    second = Verification(first.previous, OLD, 5, recent, no_verdict, clock, follows=first)
+    assert second.keys == [("upstream", "web")]
+
+
 def test_describe_watch_for_the_reload_answer_and_check_diff() -> None:
     new = config(
         {"api": {"targets": ["http://b:1"]}, "web": {"targets": ["http://w:1"]}},
