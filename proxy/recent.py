@@ -1,5 +1,5 @@
-"""What happened in the last minute: requests, errors and latency by route, upstream and target,
-in one-second slots.
+"""What happened in the last minute: requests, errors, latency and connection reuse by route,
+upstream and target, in one-second slots.
 
 The status page (status.py) shows the last 10 s of it; a reload's verification (rollback.py)
 compares a changed route's or upstream's error ratio after the reload with its ratio before.
@@ -27,12 +27,14 @@ _Triple = tuple[str, str, str]
 
 
 class _Tally:
-    __slots__ = ("errors", "latency", "requests")
+    __slots__ = ("errors", "forwarded", "latency", "requests", "reused")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.forwarded = 0  # answered over an upstream connection
+        self.reused = 0  # ...one the pool had kept from an earlier request
 
 
 def failed(e: Exchange) -> bool:
@@ -49,6 +51,8 @@ class Totals:
     errors: int
     latency: tuple[int, ...]  # counts per LATENCY_BUCKETS bound, the last above them all
     seconds: int
+    forwarded: int = 0  # requests answered over an upstream connection
+    reused: int = 0  # ...over one the pool had kept from an earlier request
 
     @property
     def rate(self) -> float:
@@ -58,6 +62,11 @@ class Totals:
     @property
     def error_ratio(self) -> float | None:
         return self.errors / self.requests if self.requests else None
+
+    @property
+    def reuse_ratio(self) -> float | None:
+        """The share of forwarded requests sent on a connection the pool kept."""
+        return self.reused / self.forwarded if self.forwarded else None
 
     def quantile(self, q: float) -> float | None:
         """The q-quantile of latency, interpolated within its bucket as Prometheus's
@@ -109,6 +118,9 @@ class Recent:
         tally.requests += 1
         tally.errors += failed(e)
         tally.latency[bisect.bisect_left(LATENCY_BUCKETS, e.duration)] += 1
+        if e.reused is not None:
+            tally.forwarded += 1
+            tally.reused += e.reused
 
     def totals(self, key: Key, seconds: int, until: float | None = None) -> Totals:
         """`key`'s sums over the `seconds` whole seconds before `until` (default: now; the
@@ -120,7 +132,7 @@ class Recent:
         end = int(self._clock() if until is None else until)
         start = end - seconds
         wanted = list(keys)
-        requests = errors = 0
+        requests = errors = forwarded = reused = 0
         latency = [0] * (len(LATENCY_BUCKETS) + 1)
         for second, slot in self._slots:
             if not start <= second < end:
@@ -129,11 +141,13 @@ class Recent:
                 if any(_counts_for(key, triple) for key in wanted):
                     requests += tally.requests
                     errors += tally.errors
+                    forwarded += tally.forwarded
+                    reused += tally.reused
                     for i, count in enumerate(tally.latency):
                         latency[i] += count
         if not seconds:
             return _NOTHING
-        return Totals(requests, errors, tuple(latency), seconds)
+        return Totals(requests, errors, tuple(latency), seconds, forwarded, reused)
 
 
 def _counts_for(key: Key, triple: _Triple) -> bool:

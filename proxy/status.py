@@ -48,7 +48,7 @@ class Sources:
 
 def recent_view(totals: Totals) -> dict[str, Any]:
     """The window's figures, with the raw latency buckets so that workers' windows add up."""
-    ratio = totals.error_ratio
+    ratio, reuse = totals.error_ratio, totals.reuse_ratio
     p50, p99 = totals.quantile(0.5), totals.quantile(0.99)
     return {
         "seconds": totals.seconds,
@@ -59,6 +59,9 @@ def recent_view(totals: Totals) -> dict[str, Any]:
         "p50": None if p50 is None else round(p50, 4),
         "p99": None if p99 is None else round(p99, 4),
         "latency": list(totals.latency),
+        "forwarded": totals.forwarded,
+        "reused": totals.reused,
+        "reuse_ratio": None if reuse is None else round(reuse, 4),
     }
 
 
@@ -102,7 +105,11 @@ def _merged_totals(windows: list[dict[str, Any]]) -> dict[str, Any]:
     latency = [sum(counts) for counts in zip(*(w["latency"] for w in windows), strict=True)]
     requests = sum(w["requests"] for w in windows)
     errors = sum(w["errors"] for w in windows)
-    return recent_view(Totals(requests, errors, tuple(latency), windows[0]["seconds"]))
+    forwarded = sum(w["forwarded"] for w in windows)
+    reused = sum(w["reused"] for w in windows)
+    return recent_view(
+        Totals(requests, errors, tuple(latency), windows[0]["seconds"], forwarded, reused)
+    )
 
 
 def _merged_target(copies: list[dict[str, Any]]) -> dict[str, Any]:

@@ -210,6 +210,11 @@ async def test_status_json_has_the_known_scenarios_figures(backend, proxy):
     )
     assert down["recent"]["requests"] == 0 and down["recent"]["error_ratio"] is None
     assert shop["reuse_ratio"] > 0.9  # one connection to the shop backend, kept alive
+    # The window's reuse: the first request opened that connection, the other 19 reused it.
+    assert {k: shop["recent"][k] for k in ("forwarded", "reused", "reuse_ratio")} == {
+        "forwarded": 20, "reused": 19, "reuse_ratio": 0.95,
+    }  # fmt: skip
+    assert serving["recent"]["reuse_ratio"] == 0.95 and down["recent"]["reuse_ratio"] is None
     assert not shop["panic"] and shop["limit"] == 100 and shop["tunnels_limit"] == 1000
     search = status["upstreams"]["search"]
     flaky = search["targets"][1]
@@ -229,10 +234,11 @@ async def test_chromium_renders_the_scenarios_figures(backend, proxy, tmp_path):
     total = total_row(shop)
     assert "1 of 2 in rotation" in total
     assert ">2.0<" in total and ">15.0 %<" in total  # 20 requests in 10 s, 3 answered 500
+    assert ">95.0 %<" in total  # 19 of them on the connection the first one opened
     dead = row(shop, "target", scene.urls["dead"])
     assert ">out<" in dead and ">unhealthy<" in dead
     serving = row(shop, "target", scene.urls["shop"])
-    assert ">in rotation<" in serving and ">15.0 %<" in serving
+    assert ">in rotation<" in serving and ">15.0 %<" in serving and ">95.0 %<" in serving
     flaky = row(row(dom, "upstream", "search"), "target", scene.urls["flaky"])
     assert re.search(r">ejected for (5[0-9]|60) s<", flaky)
     # The first poll of status.json came back (the page says when, and is not stale).
@@ -329,7 +335,8 @@ async def test_the_page_says_it_is_stale_when_the_admin_does_not_answer(backend,
 def test_merged_sums_the_workers_figures_and_keeps_each_ones_own():
     def window(requests: int, errors: int, fast: int) -> dict[str, Any]:
         latency = [fast, requests - fast] + [0] * 14
-        return {"seconds": 10, "requests": requests, "errors": errors, "latency": latency}
+        return {"seconds": 10, "requests": requests, "errors": errors, "latency": latency,
+                "forwarded": requests, "reused": requests - errors}  # fmt: skip
 
     def worker(up: bool, requests: int, errors: int, fast: int) -> dict[str, Any]:
         target = {"url": "http://b:1", "up": up, "healthy": up, "ejected_for": 0.0,
@@ -351,6 +358,7 @@ def test_merged_sums_the_workers_figures_and_keeps_each_ones_own():
     assert u["panic"] is True  # one worker is in panic
     assert u["recent"]["requests"] == 40 and u["recent"]["error_ratio"] == 0.1
     assert u["recent"]["rate"] == 4.0 and u["recent"]["p50"] > 0.001  # 30 of 40 in the 2nd bucket
+    assert u["recent"]["reuse_ratio"] == 0.9  # (9 + 27) of (10 + 30) on a kept connection
     (target,) = u["targets"]
     assert (target["up"], target["up_on"], target["workers"]) == (False, 1, 2)
     assert target["out_because"] == ["unhealthy"] and target["active"] == 4

@@ -43,6 +43,25 @@ def test_counts_by_route_upstream_and_target_leaving_out_the_second_in_progress(
     assert both.requests == 5
 
 
+def test_reuse_is_of_the_window_and_of_the_requests_an_upstream_connection_answered() -> None:
+    clock = Clock()
+    recent = Recent(clock)
+    for reused in (True, True, True, False):  # a minute ago: one connection opened, reused
+        e = exchange()
+        e.reused = reused
+        recent.record(e)
+    clock.now += 30
+    for reused in (False, False, None):  # now: each on a new connection; one never got one
+        e = exchange(502, error="connect") if reused is None else exchange()
+        e.reused = reused
+        recent.record(e)
+    clock.now += 1
+    now = recent.totals(("upstream", "u"), 10)
+    assert (now.requests, now.forwarded, now.reused, now.reuse_ratio) == (3, 2, 0, 0.0)
+    assert recent.totals(("upstream", "u"), SPAN).reuse_ratio == 0.5  # 3 of 6
+    assert recent.totals(("upstream", "other"), 10).reuse_ratio is None
+
+
 def test_old_seconds_fall_out_of_the_window_and_of_memory() -> None:
     clock = Clock()
     recent = Recent(clock)
