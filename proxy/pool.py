@@ -48,6 +48,17 @@ CLOSE_REASONS = ("idle_timeout", "keepalive_hint", "max_requests", "max_age", "r
 _STRAY_LOG_EVERY = 60.0  # s between two log lines about stray bytes from one upstream
 _WARM_LOG_EVERY = 60.0  # s between two log lines about one target min_idle cannot reach
 _JITTER = 0.1  # max_age is drawn per connection from [0.9, 1.1] times max_age
+
+
+def gone_for(connect_timeout: float) -> float:
+    """How long a target that left is remembered (PoolConnector.close_target): past any moment
+    a connection to it can still be opened by a request or a warming round that chose it
+    before it left. A request waits its turn in the fair queue (up to timeouts.connect), then
+    for aiohttp's slot and the connect (up to timeouts.connect again, rounded up to the
+    second); a warming round connects within it too."""
+    return max(60.0, 3 * connect_timeout + 5)
+
+
 _NEVER = math.inf
 
 
@@ -200,6 +211,7 @@ class PoolConnector(aiohttp.TCPConnector):
         max_requests: int = 0,
         max_age: float = 0.0,
         rng: random.Random | None = None,
+        remember_gone: float = 60.0,  # s: gone_for(timeouts.connect)
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -220,10 +232,13 @@ class PoolConnector(aiohttp.TCPConnector):
         self._stray_logged = -_STRAY_LOG_EVERY
         self._warm_logged: dict[str, float] = {}
         self._warming: asyncio.Task[None] | None = None
-        # Targets that left the upstream (close_target) and did not come back (target_back):
-        # a connection opened to one after it left (a request that had picked it and waited
-        # for a slot, or warming) is closed at its release, never pooled.
-        self._gone: set[tuple[str, int | None]] = set()
+        # Targets that left the upstream (close_target) and did not come back (target_back),
+        # with when they left: a connection opened to one after it left (a request that had
+        # picked it and waited for a slot, or warming) is closed at its release, never pooled.
+        # Forgotten after `remember_gone` s, when none can be opened any more: with discovery,
+        # addresses that never come back (a pod's, say) would otherwise pile up for good.
+        self._gone: dict[tuple[str, int | None], float] = {}
+        self._remember_gone = remember_gone
         self._factory = functools.partial(  # type: ignore[assignment]
             GuardedResponseHandler, loop=self._loop, on_stray=self._discard_stray,
             on_lost=self._count_close,
@@ -443,7 +458,14 @@ class PoolConnector(aiohttp.TCPConnector):
         after their response, all counted as `reload`; until target_back(host, port), so are
         those still opened to it (by a request that had picked it, or by warming)."""
         target = (host, port)
-        self._gone.add(target)
+        now = time.monotonic()
+        while self._gone:  # the first to leave first: forgotten once none can connect
+            first, left = next(iter(self._gone.items()))
+            if now - left < self._remember_gone:
+                break
+            del self._gone[first]
+        self._gone.pop(target, None)  # to the end: the order stays the order they left in
+        self._gone[target] = now
         self._close_idle("reload", lambda key, _: (key.host, key.port) == target)
         for protocol in self._acquired:
             if isinstance(protocol, GuardedResponseHandler) and protocol.target == target:
@@ -452,7 +474,7 @@ class PoolConnector(aiohttp.TCPConnector):
     def target_back(self, host: str, port: int | None) -> None:
         """`host:port` is in the upstream again (discovery found it anew) after close_target():
         its new connections are pooled as usual. Connections already marked still close."""
-        self._gone.discard((host, port))
+        self._gone.pop((host, port), None)
 
     async def close_all(self, reason: str) -> None:
         """The upstream closes (`reason`: reload or shutdown): stop warming, close the idle

@@ -25,7 +25,7 @@ from proxy.balancing import Balancer, TargetState
 from proxy.discovery import Discovery, Found
 from proxy.health import HealthChecker, Outlier, rest, retry_after_seconds
 from proxy.policy import target_host
-from proxy.pool import Acquisition, PoolConnector
+from proxy.pool import Acquisition, PoolConnector, gone_for
 from proxy.tls import Certificate, FileStamp, client_context, expired, tls_files_stamp
 from proxy.wire import UpstreamResponse
 
@@ -156,6 +156,7 @@ class Upstream:
             enable_cleanup_closed=https and sys.version_info < (3, 12, 8),
             max_requests=pool.max_requests,
             max_age=pool.max_age,
+            remember_gone=gone_for(settings.timeouts.connect),
         )
         self.session = _proxy_session(self.connector, settings.timeouts)
         # Upgraded connections (tunnel.py) have a session of their own: a tunnel holds its

@@ -451,6 +451,28 @@ async def test_a_connection_opened_to_a_target_after_it_left_closes_after_its_re
         assert connector.closes == no_closes(reload=2)
 
 
+async def test_a_target_that_left_is_forgotten_once_no_connection_to_it_can_be_opened(backend):
+    """Addresses discovery drops and never sees again (a pod's) must not pile up: past
+    remember_gone (upstream.py: gone_for(timeouts.connect)) nothing that chose one before it
+    left can still connect, and a connection to it is pooled as any other."""
+    origin = await backend(answering(OK))
+    async with pool(remember_gone=0.2) as (connector, session):
+        connector.close_target("127.0.0.1", origin.port)
+        assert (await fetch(session, origin.url))[:2] == (200, b"ok")
+        await until(lambda: origin.open == 0)  # opened after it left: closed after its response
+        assert connector.closes == no_closes(reload=1)
+        await asyncio.sleep(0.3)
+        for i in range(1000):  # a thousand pods come and go
+            connector.close_target(f"10.0.{i // 256}.{i % 256}", 8080)
+        assert len(connector._gone) == 1000  # 127.0.0.1 forgotten: it left 0.3 s ago
+        assert (await fetch(session, origin.url))[2].reused is False
+        assert (await fetch(session, origin.url))[2].reused is True  # pooled as usual
+        await asyncio.sleep(0.3)
+        connector.close_target("10.1.0.0", 8080)
+        assert len(connector._gone) == 1
+        assert connector.closes == no_closes(reload=1)
+
+
 async def test_warming_opens_nothing_to_a_target_that_left(backend):
     gone = await backend(answering(OK))
     stays = await backend(answering(OK))
