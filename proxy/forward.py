@@ -63,6 +63,21 @@ class Attempted:
     url: URL
 
 
+@dataclass(slots=True)
+class Forwarding:
+    """A request on its way to an upstream, routed and accepted: what every attempt at it reads.
+    Its headers are sent again by a retry (only `host_header: target` changes their Host)."""
+
+    request: web.BaseRequest
+    exchange: Exchange
+    upstream: Upstream
+    headers: CIMultiDict[str]
+    path: str  # the target's path and query, as forwarded (routes' strip_prefix applied)
+    body: aiohttp.StreamReader | AsyncIterator[bytes] | None
+    policy: RoutePolicy
+    deadline: asyncio.Timeout | None = None  # routes[].timeouts.total's, once _forward starts it
+
+
 class Forwarder:
     """The data-plane request handler."""
 
@@ -172,46 +187,28 @@ class Forwarder:
             upstream.tunnels_open += 1
         upstream.in_flight += 1
         upstream.requests += 1
+        forwarding = Forwarding(request, exchange, upstream, out_headers, path, body, policy)
         try:
-            return await self._forward(request, exchange, upstream, out_headers, path, body, policy)
+            return await self._forward(forwarding)
         finally:
             if not exchange.relaying:  # else it is in flight until its tunnel closes
                 upstream.finished(upgrade is not None)
 
-    async def _forward(
-        self,
-        request: web.BaseRequest,
-        exchange: Exchange,
-        upstream: Upstream,
-        out_headers: CIMultiDict[str],
-        path: str,
-        body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
-        policy: RoutePolicy,
-    ) -> web.StreamResponse:
-        if body is not None and _expects_continue(request):
+    async def _forward(self, forwarding: Forwarding) -> web.StreamResponse:
+        request, policy = forwarding.request, forwarding.policy
+        if forwarding.body is not None and _expects_continue(request):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not policy.total:
-            return await self._try_targets(
-                request, exchange, upstream, out_headers, path, body, policy, None
-            )
+            return await self._try_targets(forwarding)
         # routes[].timeouts.total: one loop timer for the whole exchange. When it fires it
         # cancels the attempt in flight, which answers for it (_attempt: 504, or a cut).
         async with asyncio.timeout(policy.total) as deadline:
-            return await self._try_targets(
-                request, exchange, upstream, out_headers, path, body, policy, deadline
-            )
+            forwarding.deadline = deadline
+            return await self._try_targets(forwarding)
 
-    async def _try_targets(
-        self,
-        request: web.BaseRequest,
-        exchange: Exchange,
-        upstream: Upstream,
-        out_headers: CIMultiDict[str],
-        path: str,
-        body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
-        policy: RoutePolicy,
-        deadline: asyncio.Timeout | None,
-    ) -> web.StreamResponse:
+    async def _try_targets(self, forwarding: Forwarding) -> web.StreamResponse:
+        request, exchange, upstream = forwarding.request, forwarding.exchange, forwarding.upstream
+        path, body, policy = forwarding.path, forwarding.body, forwarding.policy
         attempts = policy.attempts or upstream.settings.retries.attempts  # the route's first
         tried: list[TargetState] = []
         fresh_only = False
@@ -231,10 +228,7 @@ class Forwarder:
             retry = len(tried) > 1
             upstream.retries_in_flight += retry
             try:
-                outcome = await self._attempt(
-                    request, exchange, upstream, target, out_headers, path, body, fresh_only,
-                    policy, deadline,
-                )  # fmt: skip
+                outcome = await self._attempt(forwarding, target, fresh_only)
             finally:
                 upstream.retries_in_flight -= retry
             if isinstance(outcome, web.StreamResponse):
@@ -261,20 +255,13 @@ class Forwarder:
                      upstream.name, failure.detail, outcome.exc, reason)  # fmt: skip
 
     async def _attempt(
-        self,
-        request: web.BaseRequest,
-        exchange: Exchange,
-        upstream: Upstream,
-        target: TargetState,
-        out_headers: CIMultiDict[str],
-        path: str,
-        body: aiohttp.StreamReader | AsyncIterator[bytes] | None,
-        fresh_only: bool,
-        policy: RoutePolicy,
-        deadline: asyncio.Timeout | None,
+        self, forwarding: Forwarding, target: TargetState, fresh_only: bool
     ) -> web.StreamResponse | Attempted:
         """One try on one target: the response, or a failure from before any response header
-        (which _forward may retry)."""
+        (which _try_targets may retry). `fresh_only`: on a newly opened connection."""
+        request, exchange, upstream = forwarding.request, forwarding.exchange, forwarding.upstream
+        out_headers, path, body = forwarding.headers, forwarding.path, forwarding.body
+        policy, deadline = forwarding.policy, forwarding.deadline
         exchange.upstream_target = target.url
         if policy.target_host:  # host_header: target, this attempt's
             out_headers["Host"] = target.authority
