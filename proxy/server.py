@@ -74,7 +74,7 @@ async def build_snapshot(
             if (
                 current is not None
                 and current.settings == settings
-                and (current.tls is wanted if wanted is not None else not _rotated(current))
+                and (not _rotated(current) if wanted is None else current.tls.files == wanted.files)
             ):
                 upstreams[name] = current
             else:
@@ -103,15 +103,20 @@ def _rotated(upstream: Upstream) -> bool:
 
 
 def rebuilt_for_tls(old: Snapshot, new: Snapshot) -> list[str]:
-    """Upstreams `new` built again with the same settings: for their TLS files (a reload), or
-    their TLS from before it (a rollback)."""
+    """Upstreams whose TLS files `new` holds in other versions than `old`, under the same
+    tls settings: read again (a reload), or their versions from before it (a rollback)."""
     return [
         name
         for name, upstream in new.upstreams.items()
         if (before := old.upstreams.get(name)) is not None
-        and before is not upstream
-        and before.settings == upstream.settings
+        and before.settings.tls == upstream.settings.tls
+        and before.tls.files != upstream.tls.files
     ]
+
+
+def _files_differ(snapshot: Snapshot) -> list[str]:
+    """Upstreams whose TLS files on disk are not the versions they hold (after a rollback)."""
+    return [name for name, upstream in snapshot.upstreams.items() if _rotated(upstream)]
 
 
 def _upstream_tls(snapshot: Snapshot) -> dict[str, ClientTLS]:
@@ -497,8 +502,8 @@ class ProxyServer:
             f"{why}; restored: {restored}; the config file still holds the rolled-back "
             "config: fix it before the next reload"
         )
-        if reread:  # the TLS files hold what failed too: a reload would read them again
-            message += f" (and upstream {', '.join(reread)}'s TLS files)"
+        if stale := _files_differ(snapshot):  # a reload would read those again
+            message += f" (and the TLS files of upstream {', '.join(stale)})"
         log.error("reload rolled back: %s", message)
         self.last_reload = ReloadOutcome("rolled_back", time.time(), message)
         return True, message

@@ -371,6 +371,33 @@ async def test_unchanged_upstreams_keep_their_warm_connections_across_the_rollba
     assert pools["api"].settings.targets[0].url == a.url  # restored, in a new pool
 
 
+async def test_an_upstream_changed_and_changed_back_during_a_watch_keeps_its_pool_at_rollback(
+    backend, reloadable
+):
+    """A second reload restored keep's settings, so keep was built three times: the rollback
+    must still see it as the upstream it replaces (same settings, same TLS files, none here)."""
+    keep = await backend(answering(named("keep")))
+    api = await backend(answering(named("api")))
+    before = table({"api": api.url, "keep": keep.url})
+    server, path = await reloadable(before)
+    limited = before | {"upstreams": {**before["upstreams"],
+                                      "keep": upstream(keep.url, pool={"limit": 5})}}  # fmt: skip
+    write_config(path, limited | {"reload": {"verify": 30}})
+    assert (await server.reload())[0]
+    write_config(path, before | {"reload": {"verify": 30}})  # joins the watch
+    assert (await server.reload())[0]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url(server, "/keep/")) as answer:
+            assert await answer.read() == b"keep"
+        kept, connections = server.current().upstreams["keep"], keep.connections
+        rolled_back, message = await server.roll_back("the test asks")
+        assert rolled_back and "keep" not in message and "TLS" not in message, message
+        async with session.get(url(server, "/keep/")) as answer:
+            assert await answer.read() == b"keep"
+    assert server.current().upstreams["keep"] is kept  # on 9b7b7df: rebuilt, pool lost
+    assert keep.connections == connections
+
+
 async def two_workers_rolled_back(
     backend: Any, tmp_path: Path, loads: Callable[..., Load], verify: int
 ) -> tuple[Any, str]:

@@ -487,7 +487,7 @@ async def test_a_reload_that_reads_a_refused_upstream_client_certificate_is_roll
         server.last_reload.message
     )
     assert server.last_reload.message.endswith(
-        "fix it before the next reload (and upstream app's TLS files)"
+        "fix it before the next reload (and the TLS files of upstream app)"
     )
     seen = time.monotonic()
     await asyncio.sleep(1)  # load on the restored upstream
@@ -499,6 +499,40 @@ async def test_a_reload_that_reads_a_refused_upstream_client_certificate_is_roll
 
 
 # --- the expiry gauge ---
+
+
+async def test_settings_and_tls_files_changed_together_both_show_in_reload_and_rollback(
+    servers, mtls_backend, ca, client_ca, tmp_path, loads
+):
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = write_pair(client_ca, tmp_path, "client-v1", "proxy.internal")
+    refused = write_pair(ca, tmp_path, "client-v2", "proxy.internal")  # not from client_ca
+    tls = {"ca_file": str(tmp_path / "ca.pem"), **client}
+
+    def config(limit: int) -> dict[str, Any]:
+        target = f"https://127.0.0.1:{mtls_backend}"
+        return config_dict(
+            {"app": upstream(target, tls=tls, pool={"limit": limit})},
+            reload={"verify": 5}, access_log={"enabled": False},
+        )  # fmt: skip
+
+    server = await start(servers, config(100), tmp_path / "proxy.yaml")
+    load = loads(f"http://127.0.0.1:{server.proxy_address[1]}/", loops=3)
+    await asyncio.sleep(1.2)  # a healthy second or more before the reload
+    replace_file(client["cert"], refused["cert"])
+    replace_file(client["key"], refused["key"])
+    write_config(tmp_path / "proxy.yaml", config(50))
+    applied, message = await server.reload()
+    assert applied and message.startswith(
+        "upstream app changed: pool.limit 100 -> 50; upstream app rebuilt: its TLS files changed;"
+    ), message
+    await eventually(lambda: server.metrics.reloads["rolled_back"] == 1, within=7)
+    await load.stop()
+    assert server.last_reload is not None
+    rolled_back = server.last_reload.message
+    assert "restored: upstream app changed: pool.limit 50 -> 100; upstream app rebuilt: its " \
+        "TLS from before the reload;" in rolled_back, rolled_back  # fmt: skip
+    assert rolled_back.endswith("(and the TLS files of upstream app)")
 
 
 async def test_expiry_gauge_has_each_certificate_not_after_by_key(backend, proxy, ca, tmp_path):
