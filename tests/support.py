@@ -15,8 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,17 +419,46 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 class ProxyProcess:
     """`python -m proxy --config FILE` in a subprocess, started and waited for like a user would
-    (`module`: another entry point that takes --config, such as proxy.demo)."""
+    (`module`: another entry point that takes --config, such as proxy.demo; `wrapper`: a command
+    it runs under, such as unshare).
 
-    def __init__(self, config_path: Path, admin_port: int, module: str = "proxy") -> None:
+    Its stdout (the access log) and stderr are read as they come, by a thread each: a pipe
+    nobody reads fills at 64 KiB, and a proxy logging many failures would block on it (stderr
+    is written from the event loop)."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        admin_port: int,
+        module: str = "proxy",
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.admin_port = admin_port
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--config", str(config_path)],
+            [*wrapper, sys.executable, "-m", module, "--config", str(config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
         )
+        self._out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._readers = [
+            threading.Thread(target=self._drain, args=(name,), daemon=True) for name in self._out
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _drain(self, name: str) -> None:
+        stream = getattr(self.proc, name)
+        for line in stream:
+            self._out[name].append(line)
+        stream.close()
+
+    def _finished(self) -> tuple[str, str]:
+        """stdout and stderr, once the process has exited and both pipes reached their end."""
+        for reader in self._readers:
+            reader.join()
+        return "".join(self._out["stdout"]), "".join(self._out["stderr"])
 
     def wait_ready(self, timeout: float = 15) -> None:
         import urllib.request
@@ -436,7 +466,7 @@ class ProxyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"proxy exited early: {self.proc.communicate()}")
+                raise AssertionError(f"proxy exited early: {self._finished()}")
             with contextlib.suppress(OSError):
                 url = f"http://127.0.0.1:{self.admin_port}/readyz"
                 with urllib.request.urlopen(url, timeout=1) as response:
@@ -449,13 +479,14 @@ class ProxyProcess:
         os.kill(self.proc.pid, signum)
 
     def wait(self, timeout: float = 15) -> tuple[int, str]:
-        _, stderr = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, stderr
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self._finished()[1]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.communicate()
+        self.proc.wait()
+        self._finished()
 
 
 async def stop_process(process: asyncio.subprocess.Process, within: float = 10) -> None:

@@ -363,18 +363,6 @@ READ_ONLY = [
 ]  # fmt: skip
 
 
-class ReadOnlyProxy(ProxyProcess):
-    def __init__(self, config_path: Path, admin_port: int) -> None:
-        self.admin_port = admin_port
-        self.proc = subprocess.Popen(
-            [*READ_ONLY, sys.executable, "-m", "proxy", "--config", str(config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-
-
 async def test_workers_start_and_serve_on_a_read_only_filesystem(backend, tmp_path):
     probe = await asyncio.to_thread(
         subprocess.run,
@@ -387,7 +375,8 @@ async def test_workers_start_and_serve_on_a_read_only_filesystem(backend, tmp_pa
     port, admin = free_port(), free_port()
     config = config_dict({"a": upstream(a.url)}, listen={"port": port}, workers=2)
     config["admin"]["port"] = admin
-    proxy = ReadOnlyProxy(write_config(tmp_path / "proxy.yaml", config), admin)
+    path = write_config(tmp_path / "proxy.yaml", config)
+    proxy = ProxyProcess(path, admin, wrapper=READ_ONLY)
     try:
         await asyncio.to_thread(proxy.wait_ready)
         async with aiohttp.ClientSession() as session:
