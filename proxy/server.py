@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -36,91 +36,24 @@ from proxy.guard import AdminGuard, load_policy
 from proxy.internals import AiohttpMoved, check_aiohttp
 from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
-from proxy.policy import route_policies
-from proxy.ratelimit import RateLimits, worker_count
+from proxy.ratelimit import worker_count
 from proxy.recent import Recent
 from proxy.reload import ReloadOutcome, by_kind, describe_changes
 from proxy.rollback import InForce, Verification, describe_watch
-from proxy.routing import RoutingTable
-from proxy.snapshot import Snapshot
-from proxy.tls import tls_files_stamp
-from proxy.upstream import ClientTLS, Upstream
+from proxy.snapshot import (
+    Snapshot,
+    build_snapshot,
+    files_differ,
+    rebuilt_for_tls,
+    upstream_tls,
+)
+from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
 
 
 class StartupError(Exception):
     """The proxy could not start (a port in use, say); the message says what to do."""
-
-
-async def build_snapshot(
-    config: Config,
-    keep: Snapshot | None = None,
-    rng: random.Random | None = None,
-    tls: Mapping[str, ClientTLS] | None = None,
-) -> Snapshot:
-    """The routing table and one Upstream per configured upstream. Upstreams of `keep` whose
-    settings and TLS files did not change are taken over as they are, with their warm
-    connections. With `tls` (a rollback's: what each upstream had read before the reload),
-    an upstream is taken over only if it still has that TLS, else built with it, not from the
-    files. If one cannot be built (a certificate file unreadable, say), those built so far are
-    closed."""
-    upstreams: dict[str, Upstream] = {}
-    built: list[Upstream] = []
-    try:
-        for name, settings in config.upstreams.items():
-            current = keep.upstreams.get(name) if keep is not None else None
-            wanted = tls.get(name) if tls is not None else None
-            if (
-                current is not None
-                and current.settings == settings
-                and (not _rotated(current) if wanted is None else current.tls.files == wanted.files)
-            ):
-                upstreams[name] = current
-            else:
-                upstreams[name] = Upstream(name, settings, wanted)
-                built.append(upstreams[name])
-                if current is not None:
-                    upstreams[name].succeed(current)
-        # dns/srv targets resolved before the snapshot serves (or a reload swaps it in).
-        await asyncio.gather(*(upstream.discover() for upstream in built))
-    except BaseException:
-        await asyncio.gather(*(upstream.aclose("reload") for upstream in built))
-        raise
-    return Snapshot(
-        routes=RoutingTable(config.routes, rng), upstreams=upstreams,
-        policies=route_policies(config),
-        # Each worker enforces its share of every rate limit (ratelimit.py).
-        limits=RateLimits(config.routes, worker_count(config), keep.limits if keep else None),
-        request_id=config.request_id, trace_context=config.trace_context,
-    )  # fmt: skip
-
-
-def _rotated(upstream: Upstream) -> bool:
-    """Whether the upstream's TLS files (tls.ca_file, tls.cert, tls.key) changed since it was
-    built: a reload then builds it again, with the new CAs and certificate."""
-    return tls_files_stamp(upstream.settings.tls) != upstream.tls.files
-
-
-def rebuilt_for_tls(old: Snapshot, new: Snapshot) -> list[str]:
-    """Upstreams whose TLS files `new` holds in other versions than `old`, under the same
-    tls settings: read again (a reload), or their versions from before it (a rollback)."""
-    return [
-        name
-        for name, upstream in new.upstreams.items()
-        if (before := old.upstreams.get(name)) is not None
-        and before.settings.tls == upstream.settings.tls
-        and before.tls.files != upstream.tls.files
-    ]
-
-
-def _files_differ(snapshot: Snapshot) -> list[str]:
-    """Upstreams whose TLS files on disk are not the versions they hold (after a rollback)."""
-    return [name for name, upstream in snapshot.upstreams.items() if _rotated(upstream)]
-
-
-def _upstream_tls(snapshot: Snapshot) -> dict[str, ClientTLS]:
-    return {name: upstream.tls for name, upstream in snapshot.upstreams.items()}
 
 
 def _with_tls(changes: list[str], rebuilt: list[str], why: str) -> list[str]:
@@ -395,7 +328,7 @@ class ProxyServer:
             previous = self._in_force()
             reloaded = InForce(
                 new, admin_policy, (tls, certificates) if tls and certificates else None,
-                config_hash(new, self.config_path), _upstream_tls(snapshot),
+                config_hash(new, self.config_path), upstream_tls(snapshot),
             )  # fmt: skip
             reread = rebuilt_for_tls(self.current(), snapshot)
             changes = self._apply(reloaded, snapshot)
@@ -424,7 +357,7 @@ class ProxyServer:
         return InForce(
             self.config, self.admin_guard.policy,
             (listening.tls, listening.current) if listening is not None else None,
-            self.metrics.config_hash, _upstream_tls(self.current()),
+            self.metrics.config_hash, upstream_tls(self.current()),
         )  # fmt: skip
 
     def _apply(self, state: InForce, snapshot: Snapshot, reloaded: bool = True) -> list[str]:
@@ -502,7 +435,7 @@ class ProxyServer:
             f"{why}; restored: {restored}; the config file still holds the rolled-back "
             "config: fix it before the next reload"
         )
-        if stale := _files_differ(snapshot):  # a reload would read those again
+        if stale := files_differ(snapshot):  # a reload would read those again
             message += f" (and the TLS files of upstream {', '.join(stale)})"
         log.error("reload rolled back: %s", message)
         self.last_reload = ReloadOutcome("rolled_back", time.time(), message)
