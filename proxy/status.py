@@ -8,6 +8,7 @@ supervisor of `workers: N` serves the same page over the workers' answers merged
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -231,19 +232,37 @@ class WorkerAnswer(Protocol):
     def text(self) -> str: ...
 
 
+# s a round of questions to the workers serves every page that asks within it: open pages poll
+# every 2 s each, and N of them would otherwise ask every worker N times as often.
+SHARED_FOR = 1.0
+
+
 def supervisor_routes(
     state: Callable[[], str],
     ask_all: Callable[[], Awaitable[Sequence[WorkerAnswer | None]]],
+    shared_for: float = SHARED_FOR,
 ) -> list[web.RouteDef]:
     """The supervisor's page: `ask_all()` is every worker's answer to GET /status.json (None
-    for one starting again or not answering), merged into one process's shape."""
+    for one starting again or not answering), merged into one process's shape. A round that
+    started less than `shared_for` s ago, finished or not, answers the requests that come
+    meanwhile."""
+    last: asyncio.Future[Sequence[WorkerAnswer | None]] | None = None
+    started = -math.inf
+
+    async def answers() -> Sequence[WorkerAnswer | None]:
+        nonlocal last, started
+        now = time.monotonic()
+        if last is None or now - started >= shared_for:
+            last, started = asyncio.ensure_future(ask_all()), now
+        # Shielded: a page that goes away does not cancel the round the others wait for.
+        return await asyncio.shield(last)
 
     async def view() -> dict[str, Any]:
-        answers = await ask_all()
+        answers_now = await answers()
         return merged(state(), [
             (i, a.pid if a is not None else None,
              json.loads(a.text) if a is not None and a.status == 200 else None)
-            for i, a in enumerate(answers)
+            for i, a in enumerate(answers_now)
         ])  # fmt: skip
 
     return handlers(view)

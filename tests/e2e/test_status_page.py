@@ -20,10 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.config import load_config
 from proxy.server import ProxyServer
-from proxy.status import SUMMED, merged
+from proxy.status import SUMMED, merged, supervisor_routes
 from tests.e2e.test_operations import Running, routes
 from tests.support import (
     RELOAD,
@@ -330,6 +331,40 @@ async def test_the_page_says_it_is_stale_when_the_admin_does_not_answer(backend,
     dom = await browse(saved.as_uri(), tmp_path / "profile")
     assert "shop" in row(dom, "upstream", "shop")  # drawn from the data the page came with
     assert re.search(r'<p id="freshness" class="stale">stale: admin not answering', dom)
+
+
+async def test_pages_that_ask_the_supervisor_together_share_one_round_of_worker_questions():
+    rounds = 0
+
+    async def ask_all() -> list[None]:  # as workers.py's, with both workers not answering
+        nonlocal rounds
+        rounds += 1
+        await asyncio.sleep(0.05)
+        return [None, None]
+
+    app = web.Application()
+    app.add_routes(supervisor_routes(lambda: "serving", ask_all, shared_for=0.3))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/status.json"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def workers() -> list[bool]:
+                async with session.get(url) as response:
+                    return [w["answered"] for w in (await response.json())["workers"]]
+
+            assert await asyncio.gather(*(workers() for _ in range(5))) == [[False, False]] * 5
+            assert rounds == 1  # five pages, one question to each worker
+            await workers()
+            assert rounds == 1  # within shared_for of that round
+            await asyncio.sleep(0.35)
+            await workers()
+            assert rounds == 2
+    finally:
+        await runner.cleanup()
 
 
 def test_merged_sums_the_workers_figures_and_keeps_each_ones_own():
