@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, cast
@@ -237,7 +237,7 @@ class PoolConnector(aiohttp.TCPConnector):
         # picked it and waited for a slot, or warming) is closed at its release, never pooled.
         # Forgotten after `remember_gone` s, when none can be opened any more: with discovery,
         # addresses that never come back (a pod's, say) would otherwise pile up for good.
-        self._gone: dict[tuple[str, int | None], float] = {}
+        self._gone: OrderedDict[tuple[str, int | None], float] = OrderedDict()
         self._remember_gone = remember_gone
         self._factory = functools.partial(  # type: ignore[assignment]
             GuardedResponseHandler, loop=self._loop, on_stray=self._discard_stray,
@@ -381,6 +381,10 @@ class PoolConnector(aiohttp.TCPConnector):
             key = req.connection_key
             protocol.target = (key.host, key.port)
             protocol.opened = time.monotonic()
+            if self._gone and protocol.target in self._gone:
+                # Opened to a target as it left (a request that had picked it, warming):
+                # decided now, since by its release the target may be forgotten.
+                protocol.close_reason = "reload"
             if self.max_age:
                 jitter = self._rng.uniform(1 - _JITTER, 1 + _JITTER)
                 protocol.expires = protocol.opened + self.max_age * jitter
@@ -459,13 +463,15 @@ class PoolConnector(aiohttp.TCPConnector):
         those still opened to it (by a request that had picked it, or by warming)."""
         target = (host, port)
         now = time.monotonic()
-        while self._gone:  # the first to leave first: forgotten once none can connect
+        # The first to leave first (an OrderedDict's front is O(1) to read and to drop; a
+        # dict's front is found again past every deleted slot): forgotten once none can connect.
+        while self._gone:
             first, left = next(iter(self._gone.items()))
             if now - left < self._remember_gone:
                 break
             del self._gone[first]
-        self._gone.pop(target, None)  # to the end: the order stays the order they left in
         self._gone[target] = now
+        self._gone.move_to_end(target)  # the order stays the order they left in
         self._close_idle("reload", lambda key, _: (key.host, key.port) == target)
         for protocol in self._acquired:
             if isinstance(protocol, GuardedResponseHandler) and protocol.target == target:
@@ -553,6 +559,10 @@ class PoolConnector(aiohttp.TCPConnector):
                 self._warm_failed("its targets", exc)
                 wanted = []
             for url, server_hostname in wanted:
+                # A round outlasts a target that left during it, when targets ahead of it time
+                # out: past gone_for, _gone forgets it, so ask the upstream's list again.
+                if (url, server_hostname) not in targets():
+                    continue
                 try:
                     await self._fill(url, server_hostname, min_idle, timeout)
                 except Exception as exc:  # connect, TLS, timeout: never the task's end

@@ -473,6 +473,58 @@ async def test_a_target_that_left_is_forgotten_once_no_connection_to_it_can_be_o
         assert connector.closes == no_closes(reload=1)
 
 
+async def test_a_connection_opened_as_its_target_left_closes_even_if_it_is_forgotten_meanwhile(
+    backend,
+):
+    """Decided when it opens, not at its release: a response that outlasts remember_gone
+    (a stream, a long poll) would otherwise leave it pooled to an address that is gone."""
+    gates = {"/first": asyncio.Event(), "/queued": asyncio.Event()}
+
+    async def gated(held: RawBackend, reader: Any, writer: Any) -> None:
+        while (request := await read_request(reader)) is not None:
+            held.record(request)
+            await gates[request.target].wait()
+            writer.write(OK)
+            await writer.drain()
+
+    held = await backend(gated)
+    async with pool(limit=1, remember_gone=0.2) as (connector, session):
+        first = asyncio.ensure_future(fetch(session, held.url + "/first"))
+        await held.received(1)
+        queued = asyncio.ensure_future(fetch(session, held.url + "/queued"))  # picked it
+        await until(lambda: connector.waiting == 1)
+        connector.close_target("127.0.0.1", held.port)
+        gates["/first"].set()
+        await held.received(2)  # the queued request opened a new connection to it
+        await asyncio.sleep(0.3)  # its response outlasts remember_gone...
+        connector.close_target("10.0.0.1", 8080)  # ...and the next departure forgets it
+        gates["/queued"].set()
+        assert [(await r)[:2] for r in (first, queued)] == [(200, b"ok")] * 2
+        await until(lambda: held.open == 0)  # on 4a21537: pooled, idle, to a gone target
+        assert connector.closes == no_closes(reload=2)
+        assert connector.connections() == []
+
+
+async def test_a_warming_round_asks_again_whether_a_target_is_still_there(backend):
+    """A round that took its list before a target left (and, slowed by targets that time out,
+    outlasts _gone's memory of it) must not warm it: the list is asked again per target."""
+    gone = await backend(answering(OK))
+    stays = await backend(answering(OK))
+    lists = 0
+
+    def targets() -> list[tuple[str, str | None]]:
+        nonlocal lists
+        lists += 1  # the first list still has `gone`; it leaves right after, unannounced
+        return [(gone.url, None), (stays.url, None)] if lists == 1 else [(stays.url, None)]
+
+    async with pool() as (connector, _):
+        connector.start_warming(targets, 1, interval=0.02)
+        await until(lambda: stays.connections == 1)
+        await until(lambda: lists > 3)  # a few rounds more
+        assert gone.connections == 0  # on 4a21537: 1, pooled
+        await connector.stop_warming()
+
+
 async def test_warming_opens_nothing_to_a_target_that_left(backend):
     gone = await backend(answering(OK))
     stays = await backend(answering(OK))
