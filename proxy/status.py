@@ -237,32 +237,48 @@ class WorkerAnswer(Protocol):
 SHARED_FOR = 1.0
 
 
-def supervisor_routes(
-    state: Callable[[], str],
-    ask_all: Callable[[], Awaitable[Sequence[WorkerAnswer | None]]],
-    shared_for: float = SHARED_FOR,
-) -> list[web.RouteDef]:
-    """The supervisor's page: `ask_all()` is every worker's answer to GET /status.json (None
-    for one starting again or not answering), merged into one process's shape. A round that
-    started less than `shared_for` s ago, finished or not, answers the requests that come
-    meanwhile."""
-    last: asyncio.Future[Sequence[WorkerAnswer | None]] | None = None
-    started = -math.inf
+class SharedRound:
+    """The workers' answers to GET /status.json, asked once for every page that asks within
+    `shared_for` s of the round's start, finished or not. `forget()` when what they would
+    answer changed (a reload, a rollback, a worker started again): the next page asks anew.
+    A round that failed is not shared."""
 
-    async def answers() -> Sequence[WorkerAnswer | None]:
-        nonlocal last, started
-        now = time.monotonic()
-        if last is None or now - started >= shared_for:
-            last, started = asyncio.ensure_future(ask_all()), now
+    def __init__(
+        self,
+        ask_all: Callable[[], Awaitable[Sequence[WorkerAnswer | None]]],
+        shared_for: float = SHARED_FOR,
+    ) -> None:
+        self._ask_all = ask_all
+        self._shared_for = shared_for
+        self._last: asyncio.Future[Sequence[WorkerAnswer | None]] | None = None
+        self._started = -math.inf
+
+    async def answers(self) -> Sequence[WorkerAnswer | None]:
+        last, now = self._last, time.monotonic()
+        if (
+            last is None
+            or now - self._started >= self._shared_for
+            or (last.done() and (last.cancelled() or last.exception() is not None))
+        ):
+            last = self._last = asyncio.ensure_future(self._ask_all())
+            self._started = now
         # Shielded: a page that goes away does not cancel the round the others wait for.
         return await asyncio.shield(last)
 
+    def forget(self) -> None:
+        self._last = None
+
+
+def supervisor_routes(state: Callable[[], str], workers: SharedRound) -> list[web.RouteDef]:
+    """The supervisor's page: every worker's answer to GET /status.json (None for one starting
+    again or not answering), merged into one process's shape."""
+
     async def view() -> dict[str, Any]:
-        answers_now = await answers()
+        answers = await workers.answers()
         return merged(state(), [
             (i, a.pid if a is not None else None,
              json.loads(a.text) if a is not None and a.status == 200 else None)
-            for i, a in enumerate(answers_now)
+            for i, a in enumerate(answers)
         ])  # fmt: skip
 
     return handlers(view)

@@ -38,7 +38,7 @@ from proxy.loops import run
 from proxy.merging import Merged, Merger
 from proxy.metrics import admin_unauthorized_family
 from proxy.server import cannot_listen, handle_signals, listen_on
-from proxy.status import supervisor_routes
+from proxy.status import SharedRound, supervisor_routes
 from proxy.worker import TOKEN_VARIABLE, unix_path
 
 
@@ -103,6 +103,8 @@ class Supervisor:
         self._scraping = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._converging: asyncio.Task[None] | None = None  # the last reload's, see _converge
+        # The status page's questions to the workers, shared by the pages open at once.
+        self._status = SharedRound(lambda: self._ask_all("/status.json"))
 
     async def _spawn(self, index: int) -> None:
         self._procs[index] = await asyncio.create_subprocess_exec(
@@ -116,6 +118,7 @@ class Supervisor:
             start_new_session=True,
         )  # fmt: skip
         log.info("worker %d started (pid %d)", index, self._procs[index].pid)
+        self._status.forget()
 
     async def _watch(self, index: int) -> None:
         """Start worker `index` again whenever it dies, until the supervisor stops."""
@@ -190,6 +193,7 @@ class Supervisor:
         await self._stop_converging()  # each worker goes on watching, with this reload
         query = "" if verify is None else "?" + urlencode({"verify": f"{verify:g}"})
         answers = await self._ask_all("/reload" + query, "POST", RELOAD_TIMEOUT)
+        self._status.forget()
         lines = [
             f"worker {i} (pid {a.pid}): {a.text.strip()}"
             if a is not None
@@ -231,6 +235,7 @@ class Supervisor:
                 self._start_from(self._rollback_to)
                 path = "/reload/rollback?" + urlencode({"why": why})
                 done = await self._ask_all(path, "POST", RELOAD_TIMEOUT)
+                self._status.forget()
                 for i, answer in enumerate(done):
                     if i != first:
                         said = answer.text.strip() if answer else "down or not answering"
@@ -308,9 +313,7 @@ class Supervisor:
         app.router.add_get("/pools/advice", pools_advice)
         app.router.add_post("/reload", reload_handler(self.reload))
         # The status page over every worker's /status.json, summed (status.py's `merged`).
-        app.router.add_routes(
-            supervisor_routes(lambda: self.state, lambda: self._ask_all("/status.json"))
-        )
+        app.router.add_routes(supervisor_routes(lambda: self.state, self._status))
         return app
 
     def _own_metrics(self) -> list[Metric]:

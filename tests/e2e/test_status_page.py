@@ -24,7 +24,7 @@ from aiohttp import web
 
 from proxy.config import load_config
 from proxy.server import ProxyServer
-from proxy.status import SUMMED, merged, supervisor_routes
+from proxy.status import SUMMED, SharedRound, merged, supervisor_routes
 from tests.e2e.test_operations import Running, routes
 from tests.support import (
     RELOAD,
@@ -336,14 +336,19 @@ async def test_the_page_says_it_is_stale_when_the_admin_does_not_answer(backend,
 async def test_pages_that_ask_the_supervisor_together_share_one_round_of_worker_questions():
     rounds = 0
 
+    failing = False
+
     async def ask_all() -> list[None]:  # as workers.py's, with both workers not answering
         nonlocal rounds
         rounds += 1
         await asyncio.sleep(0.05)
+        if failing:
+            raise RuntimeError("a round that failed")
         return [None, None]
 
+    workers = SharedRound(ask_all, shared_for=0.3)
     app = web.Application()
-    app.add_routes(supervisor_routes(lambda: "serving", ask_all, shared_for=0.3))
+    app.add_routes(supervisor_routes(lambda: "serving", workers))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -352,17 +357,28 @@ async def test_pages_that_ask_the_supervisor_together_share_one_round_of_worker_
     try:
         async with aiohttp.ClientSession() as session:
 
-            async def workers() -> list[bool]:
+            async def pages() -> list[bool]:
                 async with session.get(url) as response:
                     return [w["answered"] for w in (await response.json())["workers"]]
 
-            assert await asyncio.gather(*(workers() for _ in range(5))) == [[False, False]] * 5
+            async def status() -> int:
+                async with session.get(url) as response:
+                    return response.status
+
+            assert await asyncio.gather(*(pages() for _ in range(5))) == [[False, False]] * 5
             assert rounds == 1  # five pages, one question to each worker
-            await workers()
+            await pages()
             assert rounds == 1  # within shared_for of that round
             await asyncio.sleep(0.35)
-            await workers()
+            await pages()
             assert rounds == 2
+            workers.forget()  # a reload, say: what they would answer changed
+            await pages()
+            assert rounds == 3
+            failing = True
+            workers.forget()
+            assert [await status() for _ in range(2)] == [500, 500]
+            assert rounds == 5  # a round that failed is not shared
     finally:
         await runner.cleanup()
 

@@ -81,6 +81,27 @@ async def totals(session: aiohttp.ClientSession, proxy: Running) -> dict[tuple[s
     }
 
 
+async def test_the_supervisors_status_right_after_a_reload_is_the_reloaded_one(backend, tmp_path):
+    """Pages share a round of questions to the workers for a second; a reload starts anew."""
+    a = await backend(answering(named("a")))
+    proxy = Running(tmp_path, {"a": upstream(a.url)}, routes(("a", "/")), workers=2)
+    try:
+        await asyncio.to_thread(proxy.process.wait_ready)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.admin_url("/status.json")) as response:
+                before = (await response.json())["config_hash"]
+            proxy.write({"a": upstream(a.url, pool={"limit": 7})}, routes(("a", "/")))
+            async with session.post(proxy.admin_url("/reload"), headers=RELOAD) as response:
+                assert response.status == 200, await response.text()
+            async with session.get(proxy.admin_url("/status.json")) as response:
+                after = await response.json()
+        assert after["config_hash"] not in ("", before)  # on 3311d4c: the one from before
+        assert after["last_reload"]["result"] == "success"
+        assert after["upstreams"]["a"]["limit"] == 14  # 7 per worker
+    finally:
+        assert (await stopped(proxy))[0] == 0
+
+
 async def test_two_workers_share_the_port_and_metrics_are_merged(backend, tmp_path):
     a = await backend(answering(named("a")))
     proxy = await started(tmp_path, {"a": upstream(a.url, pool={"limit": 9})}, routes(("a", "/")))
