@@ -454,10 +454,11 @@ class ProxyProcess:
             self._out[name].append(line)
         stream.close()
 
-    def _finished(self) -> tuple[str, str]:
-        """stdout and stderr, once the process has exited and both pipes reached their end."""
+    def _finished(self, timeout: float | None = None) -> tuple[str, str]:
+        """stdout and stderr, once the process has exited and both pipes reached their end (or
+        `timeout` s passed: a child still holding them)."""
         for reader in self._readers:
-            reader.join()
+            reader.join(timeout)
         return "".join(self._out["stdout"]), "".join(self._out["stderr"])
 
     def wait_ready(self, timeout: float = 15) -> None:
@@ -483,10 +484,20 @@ class ProxyProcess:
         return self.proc.returncode, self._finished()[1]
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        """Stop it now, workers included. SIGKILL would reach only a supervisor: its workers run
+        in sessions of their own and would live on, holding the pipes. Two SIGTERMs are "exit
+        now" (a supervisor SIGKILLs its workers first); SIGKILL if that takes over 10 s."""
+        for _ in range(2):
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=0.2)  # the first starts a drain; the second ends it
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-        self.proc.wait()
-        self._finished()
+            self.proc.wait()
+        self._finished(timeout=10)
 
 
 async def stop_process(process: asyncio.subprocess.Process, within: float = 10) -> None:
