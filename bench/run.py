@@ -67,33 +67,46 @@ class Ports:
     slow: int  # bench/sink.py answering after SLOW_DELAY: proxy-slow's and proxy-shed's backend
 
 
-# The proxy under test, in variants: (how it is started, extra YAML). "baseline" runs
-# `python -m proxy` from a checkout of --baseline REV, so its YAML stays what any revision reads.
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the proxy under test: how it is started and what its config adds to
+    proxy_config()'s (one nginx target, the plain route)."""
+
+    launcher: tuple[str, ...] = ("-m", "proxy")
+    top: str = ""  # top-level YAML added to the config
+    backend: str = "nginx"  # "nginx"; "two": both nginx ports, by `balance`; "slow": SLOW_DELAY
+    balance: str = ""  # with backend "two"
+    routed: bool = False  # the benchmarked route with a per-route policy (_ROUTED)
+    max_pending: int = 0  # the backend upstream's max_pending (0: none)
+
+
+# The proxy under test, in variants. "baseline" runs `python -m proxy` from a checkout of
+# --baseline REV, so its YAML stays what any revision reads.
 PROXY_VARIANTS = {
-    "proxy": (["-m", "proxy"], ""),  # metrics and JSON access log on, as shipped
-    "proxy-nolog": (["-m", "proxy"], "access_log: {enabled: false}\n"),  # metrics only
-    "proxy-bare": (["bench/bare.py"], "access_log: {enabled: false}\n"),  # neither
-    "baseline": (["-m", "proxy"], ""),
-    # Two targets balanced by least_requests (TARGETS is replaced by both backend ports).
-    "proxy-2lr": (["-m", "proxy"], "TWO-TARGETS"),
+    "proxy": Variant(),  # metrics and JSON access log on, as shipped
+    "proxy-nolog": Variant(top="access_log: {enabled: false}\n"),  # metrics only
+    "proxy-bare": Variant(("bench/bare.py",), "access_log: {enabled: false}\n"),  # neither
+    "baseline": Variant(),
+    # Two targets balanced by least_requests.
+    "proxy-2lr": Variant(backend="two", balance="least_requests"),
     # The same two by round_robin, and by balance: hash on the client's address (issue 12:
-    # hash costs at most 1.05x round_robin), with max_requests on (its bookkeeping: free).
-    "proxy-2rr": (["-m", "proxy"], "TWO-TARGETS round_robin"),
-    "proxy-hash": (["-m", "proxy"], "TWO-TARGETS hash"),
+    # hash costs at most 1.05x round_robin).
+    "proxy-2rr": Variant(backend="two", balance="round_robin"),
+    "proxy-hash": Variant(backend="two", balance="hash"),
     # Two worker processes on both cores (not pinned); CPU counts the supervisor and workers.
-    "proxy-2w": (["-m", "proxy"], "workers: 2\n"),
+    "proxy-2w": Variant(top="workers: 2\n"),
     # The benchmarked route with issue 11's per-route policy: a regex and a method match,
     # request and response header rules and a rate limit that never refuses (its cost, not
     # its 429s), beside the request ID every variant has. Compare with "proxy".
-    "proxy-routed": (["-m", "proxy"], "ROUTED"),
+    "proxy-routed": Variant(routed=True),
     # The proxy on uvloop (issue 13): compare with "proxy", and with "minimal-uvloop".
-    "proxy-uvloop": (["-m", "proxy"], "event_loop: uvloop\n"),
+    "proxy-uvloop": Variant(top="event_loop: uvloop\n"),
     # Overload where the pool is the bottleneck (issue 13 target 3): a backend that answers
     # after SLOW_DELAY, so 200 clients against pool.limit 100 queue for the pool, not for the
     # proxy's CPU. proxy-shed adds max_pending 20: 100 in flight, 20 waiting, the rest 503 at
     # once. Their access logs are kept, for the latency of the admitted (200) requests alone.
-    "proxy-slow": (["-m", "proxy"], "SLOW"),
-    "proxy-shed": (["-m", "proxy"], "SHED"),
+    "proxy-slow": Variant(backend="slow"),
+    "proxy-shed": Variant(backend="slow", max_pending=20),
 }
 
 # The minimal pooled aiohttp proxy (bench/minimal.py), the reference of "CPU vs minimal", by
@@ -215,25 +228,18 @@ backend backend
 """
 
 
-def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, extra: str) -> str:
-    targets = f"[http://127.0.0.1:{ports.backend}]"
-    routed = extra == "ROUTED"
-    slow, shed = extra == "SLOW", extra == "SHED"
-    if routed or slow or shed:
-        extra = ""
-    if slow or shed:
-        targets = f"[http://127.0.0.1:{ports.slow}]"
-    if extra.startswith("TWO-TARGETS"):
-        balance = extra.partition(" ")[2] or "least_requests"
-        extra = ""
-        targets = (
-            f"[http://127.0.0.1:{ports.backend}, http://127.0.0.1:{ports.backend2}]\n"
-            f"    balance: {balance}"
-        )
-        if balance == "hash":
-            targets += "\n    hash_on: client_ip"
+def proxy_config(ports: Ports, pool_limit: int, port: int, admin_port: int, v: Variant) -> str:
+    if v.backend == "two":
+        targets = f"[http://127.0.0.1:{ports.backend}, http://127.0.0.1:{ports.backend2}]"
+        targets += f"\n    balance: {v.balance}"
+        targets += "\n    hash_on: client_ip" if v.balance == "hash" else ""
+    else:
+        backend = ports.slow if v.backend == "slow" else ports.backend
+        targets = f"[http://127.0.0.1:{backend}]"
+    pending = f"\n    max_pending: {v.max_pending}" if v.max_pending else ""
+    route = _ROUTED if v.routed else PLAIN_ROUTE
     return (
-        extra
+        v.top
         + f"""
 listen: {{host: 127.0.0.1, port: {port}, keepalive_timeout: 75}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
@@ -241,23 +247,18 @@ upstreams:
   backend:
     targets: {targets}
     pool: {{limit: {pool_limit}, limit_per_host: 0, keepalive_timeout: 60}}
-    timeouts: {{connect: 5, read: 30}}{SHED_PENDING if shed else ""}
+    timeouts: {{connect: 5, read: 30}}{pending}
   sink:
     targets: [http://127.0.0.1:{ports.sink}]
 routes:
   - name: upload
     match: {{path_prefix: /upload}}
-    upstream: sink
-  - name: all
-    match: {{path_prefix: /}}
-    upstream: backend
-"""
-    ).replace(PLAIN_ROUTE, _ROUTED if routed else PLAIN_ROUTE)
+    upstream: sink{route}"""
+    )
 
 
 LOGGED = ("proxy-slow", "proxy-shed")  # access log kept: the latency of the admitted requests
 SLOW_DELAY = 0.05  # s the slow backend takes per answer: 100 connections serve 2,000 req/s
-SHED_PENDING = "\n    max_pending: 20"
 PLAIN_ROUTE = """
   - name: all
     match: {path_prefix: /}
@@ -436,10 +437,10 @@ class Bench:
     def _start_proxy(self, name: str) -> tuple[str, str, subprocess.Popen[bytes], Path]:
         """Start variant `name` of the proxy on its own ports."""
         port, admin_port = free_port(), free_port()
-        launcher, extra = PROXY_VARIANTS[name]
+        variant = PROXY_VARIANTS[name]
         source = self.baseline if name == "baseline" and self.baseline else REPO
         config = self.root / f"{name}.yaml"
-        config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, extra))
+        config.write_text(proxy_config(self.ports, self.pool_limit, port, admin_port, variant))
         log = self.root / f"{name}.stderr"
         # The access log: kept for LOGGED only (the child keeps its own copy of the file).
         access = self.access_log(name) if name in LOGGED else Path(os.devnull)
@@ -450,7 +451,7 @@ class Bench:
                     "-c",
                     "0,1" if name == "proxy-2w" else PROXY_CORE,
                     sys.executable,
-                    *launcher,
+                    *variant.launcher,
                     "--config",
                     str(config),
                 ],
