@@ -239,6 +239,7 @@ class PoolConnector(aiohttp.TCPConnector):
         # addresses that never come back (a pod's, say) would otherwise pile up for good.
         self._gone: OrderedDict[tuple[str, int | None], float] = OrderedDict()
         self._remember_gone = remember_gone
+        self._departures = 0  # close_target() calls
         self._factory = functools.partial(  # type: ignore[assignment]
             GuardedResponseHandler, loop=self._loop, on_stray=self._discard_stray,
             on_lost=self._count_close,
@@ -472,6 +473,7 @@ class PoolConnector(aiohttp.TCPConnector):
             del self._gone[first]
         self._gone[target] = now
         self._gone.move_to_end(target)  # the order stays the order they left in
+        self._departures += 1  # a warming round in progress asks its list again (_warm)
         self._close_idle("reload", lambda key, _: (key.host, key.port) == target)
         for protocol in self._acquired:
             if isinstance(protocol, GuardedResponseHandler) and protocol.target == target:
@@ -553,21 +555,29 @@ class PoolConnector(aiohttp.TCPConnector):
         while True:
             if self.max_age:
                 self._close_idle("max_age", functools.partial(_past_max_age, time.monotonic()))
-            try:
-                wanted = list(targets()) if min_idle else []
-            except Exception as exc:  # the upstream's own list: logged, never the task's end
-                self._warm_failed("its targets", exc)
-                wanted = []
-            for url, server_hostname in wanted:
-                # A round outlasts a target that left during it, when targets ahead of it time
-                # out: past gone_for, _gone forgets it, so ask the upstream's list again.
-                if (url, server_hostname) not in targets():
-                    continue
+            departures = self._departures
+            wanted = self._warm_targets(targets) if min_idle else []
+            for target in wanted:
+                if self._departures != departures:
+                    # A target left since the list was taken. The round may outlast _gone's
+                    # memory of it (targets ahead of it timing out): ask the list again.
+                    departures = self._departures
+                    if target not in self._warm_targets(targets):
+                        continue
                 try:
-                    await self._fill(url, server_hostname, min_idle, timeout)
+                    await self._fill(*target, min_idle, timeout)
                 except Exception as exc:  # connect, TLS, timeout: never the task's end
-                    self._warm_failed(url, exc)
+                    self._warm_failed(target[0], exc)
             await asyncio.sleep(interval)
+
+    def _warm_targets(
+        self, targets: Callable[[], Iterable[tuple[str, str | None]]]
+    ) -> list[tuple[str, str | None]]:
+        try:
+            return list(targets())
+        except Exception as exc:  # the upstream's own list: logged, never the task's end
+            self._warm_failed("its targets", exc)
+            return []
 
     async def _fill(
         self, url: str, server_hostname: str | None, min_idle: int, timeout: aiohttp.ClientTimeout

@@ -506,22 +506,51 @@ async def test_a_connection_opened_as_its_target_left_closes_even_if_it_is_forgo
 
 
 async def test_a_warming_round_asks_again_whether_a_target_is_still_there(backend):
-    """A round that took its list before a target left (and, slowed by targets that time out,
-    outlasts _gone's memory of it) must not warm it: the list is asked again per target."""
+    """A round that took its list before a target left, and (slowed by targets that time out)
+    outlasts _gone's memory of it, must not warm it: after a departure the list is asked
+    again. Here the memory is 0 s and the departure comes right after the list is taken."""
     gone = await backend(answering(OK))
     stays = await backend(answering(OK))
     lists = 0
 
-    def targets() -> list[tuple[str, str | None]]:
-        nonlocal lists
-        lists += 1  # the first list still has `gone`; it leaves right after, unannounced
-        return [(gone.url, None), (stays.url, None)] if lists == 1 else [(stays.url, None)]
+    async with pool(remember_gone=0) as (connector, _):
 
-    async with pool() as (connector, _):
+        def targets() -> list[tuple[str, str | None]]:
+            nonlocal lists
+            lists += 1
+            if lists > 1:
+                return [(stays.url, None)]
+            connector.close_target("127.0.0.1", gone.port)  # leaves as the list is taken...
+            connector.close_target("10.0.0.1", 8080)  # ...and is forgotten at the next
+            return [(gone.url, None), (stays.url, None)]
+
         connector.start_warming(targets, 1, interval=0.02)
         await until(lambda: stays.connections == 1)
         await until(lambda: lists > 3)  # a few rounds more
         assert gone.connections == 0  # on 4a21537: 1, pooled
+        await connector.stop_warming()
+
+
+async def test_warming_goes_on_when_the_upstreams_list_fails(backend):
+    """Asking the list again is guarded as the first ask is: logged, never the task's end."""
+    origin = await backend(answering(OK))
+    lists = 0
+
+    async with pool() as (connector, _):
+
+        def targets() -> list[tuple[str, str | None]]:
+            nonlocal lists
+            lists += 1
+            if lists == 1:
+                connector.close_target("10.0.0.1", 8080)  # a departure: the list is asked again
+                return [(origin.url, None)]
+            if lists == 2:
+                raise RuntimeError("the upstream's list, once")
+            return [(origin.url, None)]
+
+        connector.start_warming(targets, 1, interval=0.02)
+        await until(lambda: origin.connections == 1)  # warmed on a later round
+        assert lists >= 3
         await connector.stop_warming()
 
 

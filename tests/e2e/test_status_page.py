@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import signal
 import subprocess
@@ -39,7 +40,7 @@ from tests.support import (
     write_config,
 )
 
-BROWSER_TIMEOUT = 30  # s for Chromium to start, render and dump (about 1-2 s here)
+BROWSER_TIMEOUT = 20  # s for Chromium to start, render and dump (about 1-2 s here)
 TOKEN = "s3cret-admin-token"
 
 
@@ -63,6 +64,7 @@ async def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> 
         except TimeoutError:
             if attempt:
                 raise
+            print(f"chromium hung past {BROWSER_TIMEOUT} s on {url}: launching it again")
     raise AssertionError("unreachable")
 
 
@@ -74,12 +76,13 @@ async def _chromium(url: str, profile: Path, screenshot: Path | None) -> str:
         [f"--screenshot={screenshot}", "--window-size=1280,800"] if screenshot else ["--dump-dom"]
     )
     process = await asyncio.create_subprocess_exec(
-        *args, url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        *args, url, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,  # its own group: a hang is killed with every child it started
+    )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(process.communicate(), BROWSER_TIMEOUT)
     except TimeoutError:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # children holding the pipes too
         await process.wait()
         raise
     assert process.returncode == 0, err.decode(errors="replace")[-2000:]
