@@ -7,6 +7,7 @@ Pure functions over `Config`; `--check --diff` prints them, `ProxyServer.reload(
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 from proxy.config import Config, show
@@ -47,8 +48,9 @@ def _show(value: Any) -> str:
     return show(value)
 
 
-def describe_changes(old: Config, new: Config) -> list[str]:
-    """One line per change, e.g. "upstream api changed: pool.limit 100 -> 200"."""
+def describe_changes(old: Config, new: Config, also: Iterable[str] = ()) -> list[str]:
+    """One line per change, e.g. "upstream api changed: pool.limit 100 -> 200"; `also`: lines
+    for what changed beside the config (an upstream's TLS files), in the same order."""
     lines = []
     for kind, old_items, new_items in (
         ("upstream", dict(old.upstreams), dict(new.upstreams)),
@@ -89,9 +91,5 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     # How this very reload is verified (rollback.py): applied by it, not at a restart.
     verify = _differences(old.reload, new.reload, "reload")
     lines += ["reload changed: " + "; ".join(verify)] if verify else []
-    return sorted(lines, key=by_kind) or ["no changes"]
-
-
-def by_kind(line: str) -> tuple[str, str]:
-    """The order of a reload's lines: by what changed (admin, listen, reload, route, upstream)."""
-    return line.split(" ")[0], line
+    lines += also
+    return sorted(lines, key=lambda line: (line.split(" ")[0], line)) or ["no changes"]

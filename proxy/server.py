@@ -38,7 +38,7 @@ from proxy.listener import ProxyHTTPServer, handler_kwargs
 from proxy.metrics import ProxyMetrics
 from proxy.ratelimit import worker_count
 from proxy.recent import Recent
-from proxy.reload import ReloadOutcome, by_kind, describe_changes
+from proxy.reload import ReloadOutcome, describe_changes
 from proxy.rollback import InForce, Verification, describe_watch
 from proxy.snapshot import (
     Snapshot,
@@ -54,15 +54,6 @@ log = logging.getLogger("proxy")
 
 class StartupError(Exception):
     """The proxy could not start (a port in use, say); the message says what to do."""
-
-
-def _with_tls(changes: list[str], rebuilt: list[str], why: str) -> list[str]:
-    """A reload's or rollback's changes (describe_changes), with the upstreams built again for
-    their TLS alone: their connections are new, so "no changes" would not be the truth."""
-    if not rebuilt:
-        return changes
-    lines = [line for line in changes if line != "no changes"]
-    return sorted(lines + [f"upstream {name} rebuilt: {why}" for name in rebuilt], key=by_kind)
 
 
 def config_hash(config: Config, path: str | Path | None) -> str:
@@ -330,9 +321,8 @@ class ProxyServer:
                 new, admin_policy, (tls, certificates) if tls and certificates else None,
                 config_hash(new, self.config_path), upstream_tls(snapshot),
             )  # fmt: skip
-            reread = rebuilt_for_tls(self.current(), snapshot)
-            changes = self._apply(reloaded, snapshot)
-            message = "; ".join(_with_tls(changes, reread, "its TLS files changed"))
+            changes, reread = self._apply(reloaded, snapshot)
+            message = "; ".join(changes)
             self.metrics.reloads["success"] += 1
             seconds = new.reload.verify if verify is None else verify
             verification = Verification(
@@ -360,10 +350,15 @@ class ProxyServer:
             self.metrics.config_hash, upstream_tls(self.current()),
         )  # fmt: skip
 
-    def _apply(self, state: InForce, snapshot: Snapshot, reloaded: bool = True) -> list[str]:
+    def _apply(
+        self, state: InForce, snapshot: Snapshot, reloaded: bool = True
+    ) -> tuple[list[str], list[str]]:
         """Swap in `snapshot`, built from `state`, and retire the upstreams it replaced: the
-        step a reload and a rollback (not `reloaded`) share. Returns what changed."""
+        step a reload and a rollback (not `reloaded`) share. Returns what changed, and the
+        upstreams built again for their TLS files alone (their connections are new too)."""
         old = self.current()
+        rebuilt = rebuilt_for_tls(old, snapshot)
+        why = "its TLS files changed" if reloaded else "its TLS from before the reload"
         for name, upstream in snapshot.upstreams.items():
             if old.upstreams.get(name) is not upstream:
                 upstream.start()
@@ -376,10 +371,12 @@ class ProxyServer:
                 task = asyncio.create_task(self._retire(upstream))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
-        changes = describe_changes(self.config, state.config)
+        changes = describe_changes(
+            self.config, state.config, [f"upstream {name} rebuilt: {why}" for name in rebuilt]
+        )
         self.config = state.config
         self._prepare_metrics(state.config, state.config_hash, reloaded)
-        return changes
+        return changes, rebuilt
 
     async def _verdict(self, verification: Verification, why: str | None) -> None:
         """The end of a reload's watch: verified, or `why` it fails, which rolls it back."""
@@ -426,9 +423,8 @@ class ProxyServer:
             verification.state = "rollback_failed"
             self.last_reload = ReloadOutcome("failure", time.time(), f"rollback failed: {exc}")
             return False, str(exc)
-        reread = rebuilt_for_tls(self.current(), snapshot)
-        changes = self._apply(previous, snapshot, reloaded=False)
-        restored = "; ".join(_with_tls(changes, reread, "its TLS from before the reload"))
+        changes, _ = self._apply(previous, snapshot, reloaded=False)
+        restored = "; ".join(changes)
         verification.state = "rolled_back"
         self.metrics.reloads["rolled_back"] += 1
         message = (
