@@ -234,7 +234,8 @@ class PoolConnector(aiohttp.TCPConnector):
         self._warming: asyncio.Task[None] | None = None
         # Targets that left the upstream (close_target) and did not come back (target_back),
         # with when they left: a connection opened to one after it left (a request that had
-        # picked it and waited for a slot, or warming) is closed at its release, never pooled.
+        # picked it and waited for a slot, or warming) is marked as it opens (close_reason
+        # "reload") and closed at its release, never pooled.
         # Forgotten after `remember_gone` s, when none can be opened any more: with discovery,
         # addresses that never come back (a pod's, say) would otherwise pile up for good.
         self._gone: OrderedDict[tuple[str, int | None], float] = OrderedDict()
@@ -306,9 +307,9 @@ class PoolConnector(aiohttp.TCPConnector):
         now = time.monotonic()
         reason = protocol.close_reason
         if reason is not None:
-            should_close = True  # decided while it was active: close_target()
-        elif self._gone and protocol.target in self._gone:
-            reason, should_close = "reload", True  # opened to a target as it left
+            # Decided while it was active: close_target(), or _create_connection for one
+            # opened to a target as it left.
+            should_close = True
         elif _holds_stray_bytes(protocol) and protocol.is_connected():
             self._discard_stray(protocol)
             reason, should_close = "error", True
